@@ -1,0 +1,1 @@
+"""Ditto on Flower: the ServerApp, the ClientApp and everything they share."""

@@ -1,0 +1,121 @@
+"""One source of configuration: the Hydra tree in conf/, composed and validated the same way by every entry point
+(`python -m app.simulate`, `flwr run .`, and `python -m app.config KEY` for scripts)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key and what is allowed."""
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The validated config of conf/config.yaml with Hydra `overrides` (e.g. ["attack=none", "method.lam=0.5"])."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    validate(cfg)
+    return cfg
+
+
+@lru_cache(maxsize=8)
+def config_from_overrides(overrides: str) -> DictConfig:
+    """`compose_config` for a space-separated override string (the `overrides` key of Flower's run config)."""
+    return compose_config(shlex.split(overrides))
+
+
+def _int(lo: int, hi: float = float("inf")) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _real(lo: float, hi: float = float("inf"), *, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], bool]:
+    def ok(v: Any) -> bool:
+        if not isinstance(v, Real) or isinstance(v, bool):
+            return False
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+    return ok
+
+
+def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str) -> None:
+    value = OmegaConf.select(cfg, key, default="<missing>")
+    if value == "<missing>" or not ok(value):
+        raise ConfigError(f"config key '{key}' = {value!r} is not allowed; allowed: {allowed}. Set it as {key}=VALUE.")
+
+
+def _choice(cfg: DictConfig, key: str, options: Mapping[str, Any] | Sequence[str], group: str | None = None) -> None:
+    names = sorted(options)
+    fix = f" (choose with {group}=NAME)" if group else ""
+    _check(cfg, key, lambda v: v in names, f"one of {', '.join(names)}{fix}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value cannot be used."""
+    from app.attacks import ATTACKS
+    from app.data import DATASETS, PARTITIONERS
+    from app.ditto import METHODS
+    from app.models import MODELS
+    from strategies.aggregators import AGGREGATORS
+
+    _check(cfg, "seed", _int(0), "an integer >= 0")
+    _check(cfg, "num_clients", _int(2), "an integer >= 2")
+    _check(cfg, "num_rounds", _int(1), "an integer >= 1")
+    _check(cfg, "clients_per_round", _int(1, cfg.num_clients), f"an integer from 1 to num_clients={cfg.num_clients}")
+    _check(cfg, "local_steps", _int(1), "an integer >= 1")
+    _check(cfg, "batch_size", _int(1), "an integer >= 1")
+    _check(cfg, "lr", _real(0, lo_open=True), "a number > 0")
+    _check(cfg, "eval_every", _int(1), "an integer >= 1")
+
+    _choice(cfg, "dataset.name", DATASETS, "dataset")
+    _choice(cfg, "dataset.model", MODELS)
+    _choice(cfg, "dataset.partitioner", PARTITIONERS)
+    _check(cfg, "dataset.alpha", _real(0, lo_open=True), "a number > 0")
+    _check(cfg, "dataset.classes_per_client", _int(1), "an integer >= 1")
+    _check(cfg, "dataset.test_fraction", _real(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)")
+
+    _choice(cfg, "attack.name", ATTACKS, "attack")
+    if cfg.attack.name == "none":
+        _check(cfg, "attack.fraction", lambda v: v == 0, "0 with attack=none (choose an attack to have attackers)")
+    else:
+        _check(cfg, "attack.fraction", _real(0, 1, hi_open=True), "a number in [0, 1)")
+    if "corrupt_labels" in cfg.attack:
+        _check(cfg, "attack.corrupt_labels", lambda v: isinstance(v, bool), "true or false")
+    if "boost" in cfg.attack:
+        _check(cfg, "attack.boost", lambda v: v is None or _real(0, lo_open=True)(v), "null (= clients_per_round) or a number > 0")
+
+    _choice(cfg, "aggregator.name", AGGREGATORS, "aggregator")
+    if "weighted" in cfg.aggregator:
+        _check(cfg, "aggregator.weighted", lambda v: isinstance(v, bool), "true or false")
+
+    _choice(cfg, "method.name", METHODS, "method")
+    if cfg.method.name == "ditto":
+        _check(cfg, "method.lam", _real(0), "a number >= 0 (0: local training; large: close to the global model)")
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m app.config KEY [OVERRIDE ...]`: print one key of the composed, validated config."""
+    if not argv:
+        print("usage: python -m app.config KEY [OVERRIDE ...]", file=sys.stderr)
+        return 2
+    try:
+        cfg = compose_config(argv[1:])
+    except Exception as err:  # Hydra's own errors (unknown group option, unknown key) and ours
+        print(f"config error: {err}", file=sys.stderr)
+        return 1
+    print(OmegaConf.select(cfg, argv[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

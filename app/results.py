@@ -1,0 +1,131 @@
+"""What a run leaves behind: results.json (config, per-round and final metrics, per-device rows), clients.csv and
+a PNG of per-device accuracy, plus the closing table printed at the end of the main job."""
+
+from __future__ import annotations
+
+import json
+import os
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common.logger import log
+from omegaconf import DictConfig, OmegaConf
+
+from app.metrics import accuracy_summary
+
+KINDS = ("global", "personal")
+
+
+class RunRecorder:
+    """Turns every evaluation round's per-device rows into the summary metrics and writes the run's files."""
+
+    def __init__(self, cfg: DictConfig, malicious: frozenset[int], out_dir: Path) -> None:
+        self.cfg = cfg
+        self.malicious = malicious
+        self.out_dir = Path(out_dir)
+        self.clients: list[dict[str, Any]] = []
+        self.final: dict[str, Any] = {}
+
+    def evaluate(self, server_round: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Summary metrics per model kind for one evaluation round (the strategy's `evaluate_metrics_fn`)."""
+        n_test = np.array([r["n_test"] for r in rows])
+        flags = np.array([r["partition_id"] in self.malicious for r in rows], dtype=bool)
+        summary: dict[str, Any] = {}
+        for kind in KINDS:
+            key = f"correct_{kind}"
+            summary[kind] = (
+                accuracy_summary(np.array([r[key] for r in rows]), n_test, flags) if rows and key in rows[0] else None
+            )
+        self.clients = [
+            {
+                "client_id": int(r["partition_id"]),
+                "malicious": bool(flag),
+                "n_train": int(r["n_train"]),
+                "n_test": int(r["n_test"]),
+                **{f"acc_{kind}": (r[f"correct_{kind}"] / r["n_test"] if f"correct_{kind}" in r else None)
+                   for kind in KINDS},
+            }
+            for r, flag in zip(rows, flags)
+        ]
+        self.final = summary
+        log(INFO, "round %d evaluation over %d devices: %s", server_round, len(rows), _one_line(summary))
+        return summary
+
+    def write(self, rounds: list[dict[str, Any]]) -> Path:
+        """Write results.json, clients.csv and per_device_accuracy.png; return the results.json path."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        results = {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "final": self.final,
+            "rounds": [{"global": None, "personal": None, **r} for r in rounds],
+            "clients": self.clients,
+            "malicious_clients": sorted(self.malicious),
+            "rejected_updates_total": sum(r.get("rejected_updates", 0) for r in rounds),
+            "failed_clients_total": sum(r.get("failed_clients", 0) for r in rounds),
+        }
+        path = self.out_dir / "results.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)
+        _write_csv(self.clients, self.out_dir / "clients.csv")
+        _plot_clients(self.clients, self.out_dir / "per_device_accuracy.png")
+        for line in format_table(self.final).splitlines():
+            log(INFO, "%s", line)
+        log(INFO, "results written to %s", self.out_dir)
+        return path
+
+
+def _one_line(summary: dict[str, Any]) -> str:
+    parts = []
+    for kind, m in summary.items():
+        if m and m["benign_acc"] is not None:
+            parts.append(f"{kind} benign acc {m['benign_acc']:.3f} std {m['benign_std_acc']:.3f}")
+    return "; ".join(parts)
+
+
+def format_table(final: dict[str, Any]) -> str:
+    """The closing table: per model kind, benign accuracy (pooled and mean), std, worst 10 %, malicious accuracy."""
+    def cell(v: float | None) -> str:
+        return "   -  " if v is None else f"{v:6.3f}"
+
+    lines = ["model     benign_acc  mean_acc   std    worst10%  malicious_acc"]
+    for kind, name in (("global", "global"), ("personal", "ditto")):
+        m = final.get(kind)
+        if m:
+            lines.append(f"{name:<9} {cell(m['benign_acc'])}      {cell(m['benign_mean_acc'])}    "
+                         f"{cell(m['benign_std_acc'])}  {cell(m['benign_worst10_acc'])}    {cell(m['malicious_acc'])}")
+    return "\n".join(lines)
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def _plot_clients(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 3.5))
+    kinds = [k for k in KINDS if rows and rows[0][f"acc_{k}"] is not None]
+    width = 0.8 / max(1, len(kinds))
+    for i, kind in enumerate(kinds):
+        acc = [r[f"acc_{kind}"] for r in rows]
+        ax.bar(ids + i * width, acc, width, label="ditto (personal)" if kind == "personal" else "global")
+    for j, r in enumerate(rows):
+        if r["malicious"]:
+            ax.axvspan(j - 0.1, j + 0.9 - 0.1, color="red", alpha=0.08, lw=0)
+    ax.set_xticks(ids + 0.4 - width / 2, [str(r["client_id"]) for r in rows], fontsize=7)
+    ax.set_xlabel("device (shaded: malicious)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,217 @@
+"""RobustStrategy: a Flower Strategy that samples devices reproducibly, rejects malformed updates and aggregates
+the rest with any rule of the aggregator registry.
+
+It knows nothing of Ditto (the paper's point: personalization is a client-side add-on to any global solver).
+Clients send updates (w_k - w^t); the strategy sets w^{t+1} = w^t + aggregate(updates).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetPropertiesIns,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from strategies.aggregators import Aggregator
+
+EvaluateMetricsFn = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
+
+
+def check_update(update: NDArrays, reference: NDArrays) -> str | None:
+    """Why `update` cannot be aggregated against the model `reference` (None when it can)."""
+    if len(update) != len(reference):
+        return f"{len(update)} arrays, expected {len(reference)}"
+    for i, (u, r) in enumerate(zip(update, reference)):
+        if u.shape != r.shape:
+            return f"array {i} has shape {u.shape}, expected {r.shape}"
+        if u.dtype != r.dtype:
+            return f"array {i} has dtype {u.dtype}, expected {r.dtype}"
+        if not np.isfinite(u).all():
+            return f"array {i} holds NaN or Inf"
+    return None
+
+
+def flatten(arrays: NDArrays) -> np.ndarray:
+    """All arrays as one vector."""
+    return np.concatenate([a.ravel() for a in arrays])
+
+
+def unflatten(vector: np.ndarray, like: NDArrays) -> NDArrays:
+    """Split `vector` into arrays shaped and typed as `like`."""
+    out, start = [], 0
+    for a in like:
+        out.append(vector[start : start + a.size].reshape(a.shape).astype(a.dtype, copy=False))
+        start += a.size
+    return out
+
+
+class RobustStrategy(Strategy):
+    """Sample `clients_per_round` devices per round, validate their updates, aggregate with `aggregate`.
+
+    Devices are addressed by partition id (asked once from each node through `get_properties`), so which devices a
+    round samples depends only on (seed, round), in simulation and in deployment alike. Every `eval_every` rounds and
+    after the last round, every device evaluates; `evaluate_metrics_fn(round, rows)` turns their metrics (one dict per
+    device, sorted by partition id) into the round's metrics. `rounds` keeps one entry per round.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial_parameters: Parameters,
+        aggregate: Aggregator,
+        num_clients: int,
+        clients_per_round: int,
+        num_rounds: int,
+        eval_every: int,
+        seed: int,
+        num_malicious: int = 0,
+        evaluate_metrics_fn: EvaluateMetricsFn | None = None,
+        connect_timeout: float = 300.0,
+    ) -> None:
+        super().__init__()
+        self.initial_parameters = initial_parameters
+        self.aggregate = aggregate
+        self.num_clients = num_clients
+        self.clients_per_round = clients_per_round
+        self.num_rounds = num_rounds
+        self.eval_every = eval_every
+        self.seed = seed
+        self.num_malicious = num_malicious
+        self.evaluate_metrics_fn = evaluate_metrics_fn
+        self.connect_timeout = connect_timeout
+        self.rounds: list[dict[str, Any]] = []
+        self._partition_of: dict[str, int] = {}
+        self._global: NDArrays = []
+        self._start = time.perf_counter()
+
+    def __repr__(self) -> str:
+        return f"RobustStrategy(num_clients={self.num_clients}, clients_per_round={self.clients_per_round})"
+
+    # -- device identities -------------------------------------------------------------------------------------
+    def _devices(self, client_manager: ClientManager) -> dict[int, ClientProxy]:
+        """Connected devices by partition id; asks new nodes for their partition id once."""
+        client_manager.num_available()  # lets Flower register nodes that joined since the last call
+        if not client_manager.wait_for(self.num_clients, timeout=int(self.connect_timeout)):
+            raise RuntimeError(
+                f"only {client_manager.num_available()} of num_clients={self.num_clients} devices connected within "
+                f"{self.connect_timeout:.0f} s: start one node per device (simulation: num-supernodes=num_clients)"
+            )
+        proxies = client_manager.all()
+        new = [p for cid, p in proxies.items() if cid not in self._partition_of]
+        if new:
+            with ThreadPoolExecutor(max_workers=min(32, len(new))) as pool:
+                answers = list(pool.map(lambda p: p.get_properties(GetPropertiesIns({}), None, 0), new))
+            for proxy, res in zip(new, answers):
+                pid = int(res.properties["partition_id"])
+                if not 0 <= pid < self.num_clients:
+                    raise RuntimeError(
+                        f"node {proxy.cid} reports partition-id={pid}, outside 0..{self.num_clients - 1}: "
+                        "set each node's partition-id below num_clients"
+                    )
+                self._partition_of[proxy.cid] = pid
+        devices = {self._partition_of[cid]: p for cid, p in proxies.items()}
+        if len(devices) < len(proxies):
+            raise RuntimeError("two nodes report the same partition-id: give every node its own partition-id")
+        return devices
+
+    def _log_round(self, server_round: int, **fields: Any) -> dict[str, Any]:
+        if not self.rounds or self.rounds[-1]["round"] != server_round:
+            self.rounds.append({"round": server_round})
+        entry = self.rounds[-1]
+        entry.update(fields, seconds=round(time.perf_counter() - self._start, 3))
+        return entry
+
+    # -- Strategy API ------------------------------------------------------------------------------------------
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        self._start = time.perf_counter()
+        return self.initial_parameters
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self._global = parameters_to_ndarrays(parameters)
+        devices = self._devices(client_manager)
+        rng = np.random.default_rng([self.seed, server_round])
+        chosen = sorted(rng.choice(self.num_clients, size=self.clients_per_round, replace=False).tolist())
+        ins = FitIns(parameters, {"server_round": server_round})
+        return [(devices[pid], ins) for pid in chosen if pid in devices]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        rows, weights, rejected = [], [], 0
+        for proxy, res in sorted(results, key=lambda r: self._partition_of.get(r[0].cid, -1)):
+            try:
+                update = parameters_to_ndarrays(res.parameters)
+            except Exception as err:  # undecodable bytes are a malformed update like any other
+                update, reason = None, f"undecodable parameters ({err})"
+            else:
+                reason = check_update(update, self._global)
+            if reason is None and res.num_examples <= 0:
+                reason = f"num_examples={res.num_examples}"
+            if reason is not None:
+                rejected += 1
+                log(WARNING, "round %d: rejected the update of device %s: %s",
+                    server_round, self._partition_of.get(proxy.cid, proxy.cid), reason)
+                continue
+            rows.append(flatten(update))
+            weights.append(res.num_examples)
+        if rows:
+            stacked = torch.from_numpy(np.stack(rows))
+            delta = self.aggregate(stacked, torch.tensor(weights, dtype=torch.float64), self.num_malicious)
+            self._global = unflatten(flatten(self._global) + delta.numpy(), self._global)
+        metrics = {"accepted_updates": len(rows), "rejected_updates": rejected, "failed_clients": len(failures)}
+        entry = self._log_round(server_round, **metrics)
+        log(INFO, "round %d/%d: %d updates aggregated, %d rejected, %d failed (%.1f s)",
+            server_round, self.num_rounds, len(rows), rejected, len(failures), entry["seconds"])
+        return ndarrays_to_parameters(self._global), metrics
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        if server_round % self.eval_every != 0 and server_round != self.num_rounds:
+            return []
+        ins = EvaluateIns(parameters, {"server_round": server_round})
+        return [(proxy, ins) for _, proxy in sorted(self._devices(client_manager).items())]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        rows = [dict(res.metrics, num_examples=res.num_examples, loss=res.loss) for _, res in results]
+        rows.sort(key=lambda r: r.get("partition_id", -1))
+        total = sum(r["num_examples"] for r in rows)
+        loss = sum(r["loss"] * r["num_examples"] for r in rows) / total if total else None
+        summary = self.evaluate_metrics_fn(server_round, rows) if self.evaluate_metrics_fn else {}
+        self._log_round(server_round, failed_evaluations=len(failures), **summary)
+        flat = {f"{kind}_{k}": v for kind, m in summary.items() if isinstance(m, dict) for k, v in m.items()
+                if isinstance(v, (int, float))}
+        return loss, flat
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return None  # no centralised data: every device evaluates on its own test split
