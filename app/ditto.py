@@ -39,7 +39,7 @@ def sgd_step(
             if prox_center is not None and lam != 0.0:
                 grad = grad + lam * (p - prox_center[i])
             p.sub_(lr * grad)
-    return float(loss)
+    return float(loss.detach())
 
 
 def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -59,7 +59,7 @@ class RunRecorder:
         results = {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "final": self.final,
-            "rounds": [{"global": None, "personal": None, **r} for r in rounds],
+            "rounds": [{"round": r["round"], "global": None, "personal": None, **r} for r in rounds],
             "clients": self.clients,
             "malicious_clients": sorted(self.malicious),
             "rejected_updates_total": sum(r.get("rejected_updates", 0) for r in rounds),

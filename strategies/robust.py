@@ -209,8 +209,9 @@ class RobustStrategy(Strategy):
         loss = sum(r["loss"] * r["num_examples"] for r in rows) / total if total else None
         summary = self.evaluate_metrics_fn(server_round, rows) if self.evaluate_metrics_fn else {}
         self._log_round(server_round, failed_evaluations=len(failures), **summary)
-        flat = {f"{kind}_{k}": v for kind, m in summary.items() if isinstance(m, dict) for k, v in m.items()
-                if isinstance(v, (int, float))}
+        headline = ("benign_acc", "benign_std_acc")  # Flower's history keeps only scalars: the headline ones
+        flat = {f"{kind}_{k}": m[k] for kind, m in summary.items() if isinstance(m, dict) for k in headline
+                if isinstance(m.get(k), (int, float))}
         return loss, flat
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:

@@ -1,0 +1,148 @@
+"""The main job through Flower's own CLI: `python -m app.launch [--output-dir DIR] [OVERRIDE ...]`.
+
+Runs `flwr run .` on a local simulation sized from the config (one SuperNode per device), judges the run by its
+status and its results file (`flwr run --stream` exits 0 even when the run failed), prints the closing table, and
+stops the local SuperLink that `flwr run` started, by pid (it would otherwise outlive the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.config import compose_config
+from app.results import format_table
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # otherwise every run does `uv sync` from the registry
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+class RunFailed(RuntimeError):
+    """The Flower run did not finish with status finished:completed, or left no results.json."""
+
+
+def superlink_pids(flwr_home: Path) -> set[int]:
+    """Pids of the local SuperLinks that keep their state under `flwr_home`."""
+    marker = str(flwr_home / "local-superlink")
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmd and marker in cmd:
+            pids.add(int(proc.name))
+    return pids
+
+
+def stop(pids: set[int], grace: float = 15.0) -> None:
+    """SIGTERM each pid, then SIGKILL whatever is still alive after `grace` seconds."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for Flower's CLI: the variables of DESIGN.md §3, FLWR_HOME, and this venv's bin on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home),
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
+def run_status(run_id: str, env: dict[str, str]) -> tuple[str, str]:
+    """(status, status-details) of a run, from `flwr list --format json`."""
+    out = subprocess.run(["flwr", "list", "--run-id", run_id, "--format", "json"], env=env, cwd=PROJECT_DIR,
+                         capture_output=True, text=True, timeout=120)
+    try:
+        run = json.loads(out.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return "unknown", (out.stdout + out.stderr).strip()
+    return run["status"], run.get("status-details", "")
+
+
+def run_flwr(overrides: Sequence[str], output_dir: Path, *, flwr_home: Path | None = None,
+             timeout: float | None = None, echo: bool = True) -> Path:
+    """Run the app with `flwr run .` and return the path of the results.json it wrote; raise RunFailed otherwise."""
+    cfg = compose_config(overrides)  # a bad key or value stops here, before anything starts
+    flwr_home = (flwr_home or PROJECT_DIR / ".flwr").resolve()
+    output_dir = output_dir.resolve()
+    env = flower_env(flwr_home)
+    run_config = f"overrides={json.dumps(' '.join(overrides))} output-dir={json.dumps(str(output_dir))}"
+    cmd = ["flwr", "run", ".", "--stream", "-c", run_config,
+           "--federation-config", f"num-supernodes={cfg.num_clients} client-resources-num-cpus=1"]
+    before = superlink_pids(flwr_home)
+    run_id = None
+    try:
+        with subprocess.Popen(cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) as proc:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for line in proc.stdout:
+                if echo:
+                    print(line, end="", flush=True)
+                found = re.search(r"Successfully started run (\d+)", line)
+                run_id = found.group(1) if found else run_id
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    raise RunFailed(f"flwr run did not finish within {timeout:.0f} s")
+        if run_id is None:
+            raise RunFailed(f"flwr run did not start a run (exit code {proc.returncode})")
+        status, details = run_status(run_id, env)
+        if status != "finished:completed":
+            raise RunFailed(f"run {run_id} ended with status {status}: {details}")
+    finally:
+        stop(superlink_pids(flwr_home) - before)
+    results = output_dir / "results.json"
+    if not results.exists():
+        raise RunFailed(f"run {run_id} completed but wrote no {results}")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. attack=none method.lam=0.5")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where results go (default: outputs/flwr/<timestamp>)")
+    args = parser.parse_args(argv)
+    out = args.output_dir or PROJECT_DIR / "outputs" / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if shutil.which("flwr", path=flower_env(PROJECT_DIR)["PATH"]) is None:
+        print("error: the flwr command is not installed: run scripts/run.sh, which sets up .venv", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        path = run_flwr(args.overrides, out)
+    except Exception as err:  # config errors and failed runs: one clear line, non-zero exit
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    results = json.loads(path.read_text())
+    print(f"\n{format_table(results['final'])}\n\nresults: {path.parent}  (wall time {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite (what CI runs). Extra arguments go to pytest, e.g.  scripts/test.sh -m "not slow"
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$ROOT"
+exec python -m pytest "$@"
