@@ -11,7 +11,7 @@ STAMP="$ROOT/.venv/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
   echo "installing the project and its pinned dependencies into .venv (first run: a few minutes)" >&2
   "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[test]" 2>&1 \
-    | grep -v "^WARNING: Location .* is ignored" >&2
+    | { grep -v "^WARNING: Location .* is ignored" >&2 || true; }
   if ! "$ROOT/.venv/bin/python" -c "import app.client_app, strategies" >/dev/null 2>&1; then
     echo "error: installing into .venv failed (see pip's output above)" >&2
     return 1 2>/dev/null || exit 1

@@ -1,0 +1,74 @@
+"""The config tree: groups mirror the registries, and bad keys or values stop with an error naming them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import HydraException
+
+from app.attacks import ATTACKS
+from app.config import CONF_DIR, ConfigError, compose_config
+from app.data import DATASETS
+from app.ditto import METHODS
+from strategies.aggregators import AGGREGATORS
+
+
+@pytest.mark.parametrize(("group", "registry"),
+                         [("dataset", DATASETS), ("attack", ATTACKS), ("aggregator", AGGREGATORS), ("method", METHODS)])
+def test_config_groups_mirror_the_registries(group: str, registry: dict) -> None:
+    files = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    assert files == set(registry)
+    for name in files:
+        assert compose_config([f"{group}={name}"] + (["attack.fraction=0"] if name == "none" else []))[group].name == name
+
+
+def test_default_experiment_is_digits_a1_half_malicious_ditto_lambda_one() -> None:
+    cfg = compose_config()
+    assert (cfg.dataset.name, cfg.attack.name, cfg.attack.fraction, cfg.method.name, cfg.method.lam) == (
+        "digits", "label_poison", 0.5, "ditto", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("clients_per_round=50", "clients_per_round", "from 1 to num_clients=20"),
+        ("lr=-0.1", "lr", "a number > 0"),
+        ("num_rounds=0", "num_rounds", "an integer >= 1"),
+        ("attack.fraction=1.5", "attack.fraction", "[0, 1)"),
+        ("method.lam=-1", "method.lam", "a number >= 0"),
+        ("aggregator.weighted=maybe", "aggregator.weighted", "true or false"),
+        ("dataset.partitioner=random", "dataset.partitioner", "dirichlet, iid, pathological"),
+        ("dataset.model=resnet", "dataset.model", "logreg, mlp"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(override: str, key: str, allowed: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_config([override])
+    assert f"'{key}'" in str(err.value) and allowed in str(err.value)
+
+
+def test_attack_none_with_attackers_is_refused() -> None:
+    with pytest.raises(ConfigError, match="attack.fraction"):
+        compose_config(["attack=none", "attack.fraction=0.3"])
+
+
+def test_unknown_group_option_lists_the_available_ones() -> None:
+    with pytest.raises(HydraException) as err:
+        compose_config(["attack=backdoor"])
+    assert "backdoor" in str(err.value) and "label_poison" in str(err.value) and "gaussian_update" in str(err.value)
+
+
+def test_unknown_key_is_refused() -> None:
+    with pytest.raises(HydraException, match="num_client"):
+        compose_config(["num_client=5"])
+
+
+def test_config_cli_prints_a_value_or_the_error() -> None:
+    ok = subprocess.run([sys.executable, "-m", "app.config", "num_clients", "num_clients=7"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "7"
+    bad = subprocess.run([sys.executable, "-m", "app.config", "num_clients", "method=fedfoo"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "fedfoo" in bad.stderr and "ditto" in bad.stderr
