@@ -36,6 +36,14 @@ def malicious_devices(num_clients: int, fraction: float, seed: int) -> frozenset
     return frozenset(int(k) for k in rng.choice(num_clients, size=count, replace=False))
 
 
+def attackers(cfg: DictConfig) -> frozenset[int]:
+    """The run's malicious devices: none under attack=none, whatever attack.fraction says (so sweeps can cross
+    attack=none with corruption levels)."""
+    if cfg.attack.name == "none":
+        return frozenset()
+    return malicious_devices(cfg.num_clients, cfg.attack.fraction, cfg.seed)
+
+
 def poison_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
     """A1: binary labels flipped; otherwise every label replaced by a uniformly random class."""
     if num_classes == 2:

@@ -14,7 +14,7 @@ from flwr.common import NDArrays, Scalar
 from omegaconf import DictConfig
 
 from app import ditto
-from app.attacks import attack_update, corrupts_labels, malicious_devices, poison_labels
+from app.attacks import attack_update, attackers, corrupts_labels, poison_labels
 from app.config import config_from_overrides
 from app.data import DeviceData, load_federation
 from app.models import build_model, get_weights, set_weights
@@ -32,7 +32,7 @@ class DittoClient(NumPyClient):
         federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
         self.num_classes = federation.num_classes
         self.data: DeviceData = federation.devices[partition_id]
-        self.malicious = partition_id in malicious_devices(cfg.num_clients, cfg.attack.fraction, cfg.seed)
+        self.malicious = partition_id in attackers(cfg)
         self.personalized = ditto.METHODS[cfg.method.name]
         self._build = lambda: build_model(cfg.dataset.model, federation.num_features, federation.num_classes, cfg.seed)
 

@@ -85,10 +85,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "dataset.test_fraction", _real(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)")
 
     _choice(cfg, "attack.name", ATTACKS, "attack")
-    if cfg.attack.name == "none":
-        _check(cfg, "attack.fraction", lambda v: v == 0, "0 with attack=none (choose an attack to have attackers)")
-    else:
-        _check(cfg, "attack.fraction", _real(0, 1, hi_open=True), "a number in [0, 1)")
+    _check(cfg, "attack.fraction", _real(0, 1, hi_open=True), "a number in [0, 1)")
     if "corrupt_labels" in cfg.attack:
         _check(cfg, "attack.corrupt_labels", lambda v: isinstance(v, bool), "true or false")
     if "boost" in cfg.attack:

@@ -11,7 +11,7 @@ from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig, Si
 from flwr.server.history import History
 from omegaconf import DictConfig
 
-from app.attacks import malicious_devices
+from app.attacks import attackers
 from app.config import config_from_overrides
 from app.data import load_federation
 from app.models import build_model, get_weights
@@ -36,7 +36,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
     """The strategy and server for one run of `cfg`, writing into `out_dir`."""
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
     model = build_model(cfg.dataset.model, federation.num_features, federation.num_classes, cfg.seed)
-    malicious = malicious_devices(cfg.num_clients, cfg.attack.fraction, cfg.seed)
+    malicious = attackers(cfg)
     recorder = RunRecorder(cfg, malicious, out_dir)
     strategy = RobustStrategy(
         initial_parameters=ndarrays_to_parameters(get_weights(model)),
@@ -46,7 +46,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         num_rounds=cfg.num_rounds,
         eval_every=cfg.eval_every,
         seed=cfg.seed,
-        num_malicious=round(cfg.attack.fraction * cfg.clients_per_round),
+        num_malicious=round(len(malicious) / cfg.num_clients * cfg.clients_per_round),
         evaluate_metrics_fn=recorder.evaluate,
     )
     return ServerAppComponents(server=ResultsServer(strategy, recorder), config=ServerConfig(num_rounds=cfg.num_rounds))

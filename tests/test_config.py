@@ -21,7 +21,7 @@ def test_config_groups_mirror_the_registries(group: str, registry: dict) -> None
     files = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
     assert files == set(registry)
     for name in files:
-        assert compose_config([f"{group}={name}"] + (["attack.fraction=0"] if name == "none" else []))[group].name == name
+        assert compose_config([f"{group}={name}"])[group].name == name
 
 
 def test_default_experiment_is_digits_a1_half_malicious_ditto_lambda_one() -> None:
@@ -49,9 +49,11 @@ def test_bad_values_name_the_key_and_the_allowed_values(override: str, key: str,
     assert f"'{key}'" in str(err.value) and allowed in str(err.value)
 
 
-def test_attack_none_with_attackers_is_refused() -> None:
-    with pytest.raises(ConfigError, match="attack.fraction"):
-        compose_config(["attack=none", "attack.fraction=0.3"])
+def test_attack_none_has_no_attackers_whatever_the_fraction() -> None:
+    from app.attacks import attackers
+
+    assert attackers(compose_config(["attack=none", "attack.fraction=0.3"])) == frozenset()
+    assert len(attackers(compose_config(["attack=label_poison", "attack.fraction=0.3"]))) == 6
 
 
 def test_unknown_group_option_lists_the_available_ones() -> None:

@@ -1,0 +1,115 @@
+"""Real runs: the Hydra entry (single run and multirun sweep) and `flwr run .`, judged by their results files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.config import compose_config
+from app.launch import RunFailed, flower_env, run_flwr, superlink_pids
+from app.metrics import SUMMARY_KEYS
+
+SMALL = ["num_clients=5", "clients_per_round=3", "num_rounds=3", "eval_every=2", "local_steps=5"]
+
+
+def _simulate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.simulate", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=flower_env(cwd / ".flwr"))
+
+
+@pytest.fixture(scope="module")
+def hydra_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("hydra_run")
+    proc = _simulate([*SMALL, f"hydra.run.dir={out}"], out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"dir": out, "results": json.loads((out / "results.json").read_text()), "log": proc.stdout + proc.stderr}
+
+
+@pytest.mark.slow
+def test_hydra_entry_writes_the_documented_results(hydra_run: dict) -> None:
+    r, out = hydra_run["results"], hydra_run["dir"]
+    assert {"config", "final", "rounds", "clients"} <= set(r)
+    assert r["config"]["num_clients"] == 5 and r["config"]["attack"]["name"] == "label_poison"
+    for kind in ("global", "personal"):
+        assert set(r["final"][kind]) == set(SUMMARY_KEYS)
+        assert 0.0 <= r["final"][kind]["benign_acc"] <= 1.0
+    assert [x["round"] for x in r["rounds"]] == [1, 2, 3]
+    assert all({"round", "global", "personal", "rejected_updates", "seconds"} <= set(x) for x in r["rounds"])
+    assert r["rounds"][0]["global"] is None and r["rounds"][1]["global"] is not None  # eval_every=2, plus the last
+    assert r["rounds"][-1]["global"] == r["final"]["global"]
+    assert [c["client_id"] for c in r["clients"]] == list(range(5))
+    assert {c["client_id"] for c in r["clients"] if c["malicious"]} == set(r["malicious_clients"])
+    assert len(r["malicious_clients"]) == 2  # floor(0.5 * 5)
+    assert all({"client_id", "malicious", "n_train", "n_test", "acc_global", "acc_personal"} <= set(c)
+               for c in r["clients"])
+    assert (out / "clients.csv").read_text().count("\n") == 6
+    assert (out / "per_device_accuracy.png").stat().st_size > 1000
+    assert "round 3/3" in hydra_run["log"]  # progress per round
+
+
+@pytest.mark.slow
+def test_multirun_is_deterministic_per_seed_and_global_method_has_no_personal_model(tmp_path: Path) -> None:
+    proc = _simulate(["-m", *SMALL, "seed=0,0,1", "method=global", f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads((tmp_path / str(i) / "results.json").read_text()) for i in range(3)]
+    assert runs[0]["final"] == runs[1]["final"]  # same config and seed: identical numbers
+    assert runs[0]["clients"] == runs[1]["clients"]
+    assert runs[0]["final"] != runs[2]["final"]  # another seed: other numbers
+    assert all(r["final"]["personal"] is None and r["clients"][0]["acc_personal"] is None for r in runs)
+
+
+@pytest.mark.slow
+def test_update_attacks_hurt_the_global_model_on_the_same_benign_devices(tmp_path: Path) -> None:
+    attacks = ["none", "gaussian_update", "model_replacement"]
+    proc = _simulate(["-m", "num_clients=5", "clients_per_round=3", "num_rounds=20", "eval_every=20", "local_steps=10",
+                      "lr=0.1", "method=global", f"attack={','.join(attacks)}", "attack.fraction=0.4",
+                      f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {a: json.loads((tmp_path / str(i) / "results.json").read_text()) for i, a in enumerate(attacks)}
+    bad = set(runs["gaussian_update"]["malicious_clients"])
+    assert len(bad) == 2 and runs["none"]["malicious_clients"] == []
+
+    def benign_mean(r: dict) -> float:
+        accs = [c["acc_global"] for c in r["clients"] if c["client_id"] not in bad]
+        return sum(accs) / len(accs)
+
+    for attack in attacks[1:]:
+        assert benign_mean(runs[attack]) < benign_mean(runs["none"]) - 0.03, attack
+
+
+def test_hydra_entry_reports_a_bad_value_and_the_allowed_ones(tmp_path: Path) -> None:
+    proc = _simulate(["lr=-1", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert proc.returncode != 0
+    assert "'lr'" in proc.stderr and "a number > 0" in proc.stderr
+
+
+@pytest.mark.slow
+def test_flwr_run_end_to_end_matches_the_hydra_entry_and_leaves_nothing_running(hydra_run: dict,
+                                                                                 tmp_path: Path) -> None:
+    flwr_home = tmp_path / "flwr-home"
+    results = run_flwr(SMALL, tmp_path / "out", flwr_home=flwr_home, timeout=400, echo=False)
+    r = json.loads(results.read_text())
+    assert r["final"] == hydra_run["results"]["final"]  # one config tree, one app: the same numbers either way
+    assert superlink_pids(flwr_home) == set()
+
+
+def test_flwr_run_refuses_a_bad_config_before_starting_anything(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="method"):
+        run_flwr(["method=fedfoo"], tmp_path / "out", flwr_home=tmp_path / "home", timeout=60, echo=False)
+    assert not (tmp_path / "home").exists()
+
+
+def test_failed_run_is_reported_by_status_not_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flwr run exits 0 for a failed run: the launcher must read the status instead."""
+    import app.launch as launch
+
+    stand_in = compose_config(["num_clients=3"])  # skips the launcher's own check: the app's check must fail the run
+    monkeypatch.setattr(launch, "compose_config", lambda overrides: stand_in)
+    with pytest.raises(RunFailed, match="finished:failed"):
+        run_flwr(["num_clients=3", "clients_per_round=9"], tmp_path / "out", flwr_home=tmp_path / "home",
+                 timeout=300, echo=False)
+    assert superlink_pids(tmp_path / "home") == set()
