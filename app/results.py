@@ -118,10 +118,11 @@ def _plot_clients(rows: list[dict[str, Any]], path: Path) -> None:
     for i, kind in enumerate(kinds):
         acc = [r[f"acc_{kind}"] for r in rows]
         ax.bar(ids + i * width, acc, width, label="ditto (personal)" if kind == "personal" else "global")
-    for j, r in enumerate(rows):
+    centres = ids + (len(kinds) - 1) * width / 2
+    for c, r in zip(centres, rows):
         if r["malicious"]:
-            ax.axvspan(j - 0.1, j + 0.9 - 0.1, color="red", alpha=0.08, lw=0)
-    ax.set_xticks(ids + 0.4 - width / 2, [str(r["client_id"]) for r in rows], fontsize=7)
+            ax.axvspan(c - 0.45, c + 0.45, color="red", alpha=0.08, lw=0)
+    ax.set_xticks(centres, [str(r["client_id"]) for r in rows], fontsize=7)
     ax.set_xlabel("device (shaded: malicious)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
