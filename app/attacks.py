@@ -3,12 +3,17 @@
 A1 `label_poison`: malicious devices train on corrupted labels (uniform random class; binary: flipped).
 A2 `gaussian_update`: the sent update is N(0, sigma^2) per coordinate, sigma = std of the device's true update.
 A3 `model_replacement`: A1, then the update is scaled by `boost` (default: clients per round).
+Against robust aggregators: `sign_flip` sends -scale * its update; `alie` and `ipm` are omniscient (they use the
+benign updates of the round) and are therefore simulated on the server, in the malicious devices' slots, after the
+devices trained normally: a threat-model simulation, not something a real device could do without collusion.
 Malicious devices are drawn once per run from the seed; test labels are never touched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -18,14 +23,18 @@ from omegaconf import DictConfig
 @dataclass(frozen=True)
 class Attack:
     poisons_labels: bool  # always corrupts training labels (label_poison, model_replacement)
-    update: str | None  # what is done to the sent update: None, "gaussian" or "scale"
+    update: str | None = None  # what the device does to its sent update: "gaussian", "scale" or "sign_flip"
+    omniscient: str | None = None  # what the server-side simulation puts in its slot: "alie" or "ipm"
 
 
 ATTACKS: dict[str, Attack] = {
-    "none": Attack(poisons_labels=False, update=None),
-    "label_poison": Attack(poisons_labels=True, update=None),
+    "none": Attack(poisons_labels=False),
+    "label_poison": Attack(poisons_labels=True),
     "gaussian_update": Attack(poisons_labels=False, update="gaussian"),
     "model_replacement": Attack(poisons_labels=True, update="scale"),
+    "sign_flip": Attack(poisons_labels=False, update="sign_flip"),
+    "alie": Attack(poisons_labels=False, omniscient="alie"),
+    "ipm": Attack(poisons_labels=False, omniscient="ipm"),
 }
 
 
@@ -42,6 +51,14 @@ def attackers(cfg: DictConfig) -> frozenset[int]:
     if cfg.attack.name == "none":
         return frozenset()
     return malicious_devices(cfg.num_clients, cfg.attack.fraction, cfg.seed)
+
+
+def aggregator_f(cfg: DictConfig) -> int:
+    """f for the aggregator: `aggregator.f`, or the expected number of attackers among the sampled devices,
+    int(clients_per_round * attackers / num_clients), as the official Ditto code."""
+    if cfg.aggregator.get("f") is not None:
+        return int(cfg.aggregator.f)
+    return int(cfg.clients_per_round * len(attackers(cfg)) / cfg.num_clients)
 
 
 def poison_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,6 +79,47 @@ def scale_update(update: list[np.ndarray], factor: float) -> list[np.ndarray]:
     return [(u * factor).astype(u.dtype) for u in update]
 
 
+def alie_z(n: int, f: int) -> float:
+    """ALIE's z_max (Baruch et al. 2019): s = floor(n/2 + 1) - f supporters needed, z = Phi^-1((n - s) / n)."""
+    s = n // 2 + 1 - f
+    return NormalDist().inv_cdf(min(max((n - s) / n, 1e-6), 1 - 1e-6))
+
+
+def alie(benign: torch.Tensor, z: float) -> torch.Tensor:
+    """ALIE, "a little is enough" (Baruch, Baruch, Goldberg, NeurIPS 2019): mean - z * std of the benign updates,
+    per coordinate (sample std; 0 with a single benign update)."""
+    std = benign.std(dim=0) if benign.shape[0] > 1 else torch.zeros_like(benign[0])
+    return benign.mean(dim=0) - z * std
+
+
+def ipm(benign: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Inner-product manipulation (Xie, Koyejo, Gupta, UAI 2020): -epsilon times the mean of the benign updates."""
+    return -epsilon * benign.mean(dim=0)
+
+
+def threat_model(attack: DictConfig, num_malicious: int):  # -> Callable[[Tensor, Tensor], Tensor] | None
+    """For an omniscient attack, the server-side simulation: (stacked updates, malicious-row mask) -> the stack with
+    the malicious rows replaced by the attack vector computed from the benign rows. None for other attacks."""
+    kind = ATTACKS[attack.name].omniscient
+    if kind is None:
+        return None
+
+    def simulate(updates: torch.Tensor, malicious: torch.Tensor) -> torch.Tensor:
+        if not malicious.any() or malicious.all():
+            return updates
+        benign = updates[~malicious]
+        if kind == "alie":
+            z = attack.get("z")
+            vector = alie(benign, alie_z(updates.shape[0], num_malicious) if z is None else float(z))
+        else:
+            vector = ipm(benign, float(attack.epsilon))
+        out = updates.clone()
+        out[malicious] = vector.to(updates.dtype)
+        return out
+
+    return simulate
+
+
 def corrupts_labels(attack: DictConfig) -> bool:
     """Whether malicious devices train on poisoned labels under this attack config."""
     return ATTACKS[attack.name].poisons_labels or bool(attack.get("corrupt_labels", False))
@@ -77,4 +135,6 @@ def attack_update(
     if kind == "scale":
         boost = attack.get("boost")
         return scale_update(update, float(clients_per_round if boost is None else boost))
+    if kind == "sign_flip":
+        return scale_update(update, -float(attack.scale))
     return update

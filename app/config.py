@@ -62,11 +62,11 @@ def _choice(cfg: DictConfig, key: str, options: Mapping[str, Any] | Sequence[str
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot be used."""
-    from app.attacks import ATTACKS
+    from app.attacks import ATTACKS, aggregator_f
     from app.data import DATASETS, PARTITIONERS
     from app.ditto import METHODS
     from app.models import MODELS
-    from strategies.aggregators import AGGREGATORS
+    from strategies.aggregators import AGGREGATORS, check_aggregator
 
     _check(cfg, "seed", _int(0), "an integer >= 0")
     _check(cfg, "num_clients", _int(2), "an integer >= 2")
@@ -90,10 +90,33 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg, "attack.corrupt_labels", lambda v: isinstance(v, bool), "true or false")
     if "boost" in cfg.attack:
         _check(cfg, "attack.boost", lambda v: v is None or _real(0, lo_open=True)(v), "null (= clients_per_round) or a number > 0")
+    if "scale" in cfg.attack:
+        _check(cfg, "attack.scale", _real(0, lo_open=True), "a number > 0")
+    if "z" in cfg.attack:
+        _check(cfg, "attack.z", lambda v: v is None or _real(0)(v), "null (z_max from n and f) or a number >= 0")
+    if "epsilon" in cfg.attack:
+        _check(cfg, "attack.epsilon", _real(0, lo_open=True), "a number > 0")
 
     _choice(cfg, "aggregator.name", AGGREGATORS, "aggregator")
-    if "weighted" in cfg.aggregator:
-        _check(cfg, "aggregator.weighted", lambda v: isinstance(v, bool), "true or false")
+    _check(cfg, "aggregator.f", lambda v: v is None or _int(0)(v), "null (derived from the attack) or an integer >= 0")
+    optional = {
+        "weighted": (lambda v: isinstance(v, bool), "true or false"),
+        "beta": (_real(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
+        "m": (lambda v: v is None or _int(1)(v), "null (n - f) or an integer >= 1"),
+        "inner": (lambda v: v in AGGREGATORS and v != "norm_clip", "a registry rule other than norm_clip"),
+        "max_iter": (_int(1), "an integer >= 1"),
+        "iters": (_int(1), "an integer >= 1"),
+        "eps": (_real(0, lo_open=True), "a number > 0"),
+        "tol": (_real(0), "a number >= 0"),
+        "tau": (lambda v: v is None or _real(0, lo_open=True)(v), "null (median distance) or a number > 0"),
+    }
+    for option, (ok, allowed) in optional.items():
+        if option in cfg.aggregator:
+            _check(cfg, f"aggregator.{option}", ok, allowed)
+    try:
+        check_aggregator(cfg.aggregator, cfg.clients_per_round, aggregator_f(cfg))
+    except ValueError as err:
+        raise ConfigError(f"config key 'aggregator' = {cfg.aggregator.name!r} cannot run here: {err}") from None
 
     _choice(cfg, "method.name", METHODS, "method")
     if cfg.method.name == "ditto":

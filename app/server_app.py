@@ -11,7 +11,7 @@ from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig, Si
 from flwr.server.history import History
 from omegaconf import DictConfig
 
-from app.attacks import attackers
+from app.attacks import aggregator_f, attackers, threat_model
 from app.config import config_from_overrides
 from app.data import load_federation
 from app.models import build_model, get_weights
@@ -46,8 +46,10 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         num_rounds=cfg.num_rounds,
         eval_every=cfg.eval_every,
         seed=cfg.seed,
-        num_malicious=round(len(malicious) / cfg.num_clients * cfg.clients_per_round),
+        num_malicious=aggregator_f(cfg),
         evaluate_metrics_fn=recorder.evaluate,
+        threat_model=threat_model(cfg.attack, aggregator_f(cfg)),
+        malicious=malicious,
     )
     return ServerAppComponents(server=ResultsServer(strategy, recorder), config=ServerConfig(num_rounds=cfg.num_rounds))
 

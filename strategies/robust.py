@@ -35,6 +35,7 @@ from flwr.server.strategy import Strategy
 from strategies.aggregators import Aggregator
 
 EvaluateMetricsFn = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
+ThreatModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_update(update: NDArrays, reference: NDArrays) -> str | None:
@@ -72,6 +73,10 @@ class RobustStrategy(Strategy):
     round samples depends only on (seed, round), in simulation and in deployment alike. Every `eval_every` rounds and
     after the last round, every device evaluates; `evaluate_metrics_fn(round, rows)` turns their metrics (one dict per
     device, sorted by partition id) into the round's metrics. `rounds` keeps one entry per round.
+
+    `threat_model` (simulation only) receives the stacked accepted updates and a mask of the rows sent by devices in
+    `malicious`, and returns the stack the aggregator sees: how omniscient attacks, which need the benign updates of
+    the round, are simulated. A round whose accepted updates the rule cannot aggregate keeps w^t (counted).
     """
 
     def __init__(
@@ -86,6 +91,8 @@ class RobustStrategy(Strategy):
         seed: int,
         num_malicious: int = 0,
         evaluate_metrics_fn: EvaluateMetricsFn | None = None,
+        threat_model: ThreatModel | None = None,
+        malicious: frozenset[int] = frozenset(),
         connect_timeout: float = 300.0,
     ) -> None:
         super().__init__()
@@ -98,6 +105,8 @@ class RobustStrategy(Strategy):
         self.seed = seed
         self.num_malicious = num_malicious
         self.evaluate_metrics_fn = evaluate_metrics_fn
+        self.threat_model = threat_model
+        self.malicious = malicious
         self.connect_timeout = connect_timeout
         self.rounds: list[dict[str, Any]] = []
         self._partition_of: dict[str, int] = {}
@@ -162,7 +171,7 @@ class RobustStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        rows, weights, rejected = [], [], 0
+        rows, weights, senders, rejected = [], [], [], 0
         for proxy, res in sorted(results, key=lambda r: self._partition_of.get(r[0].cid, -1)):
             try:
                 update = parameters_to_ndarrays(res.parameters)
@@ -179,11 +188,21 @@ class RobustStrategy(Strategy):
                 continue
             rows.append(flatten(update))
             weights.append(res.num_examples)
+            senders.append(self._partition_of.get(proxy.cid, -1))
+        skipped = 0
         if rows:
             stacked = torch.from_numpy(np.stack(rows))
-            delta = self.aggregate(stacked, torch.tensor(weights, dtype=torch.float64), self.num_malicious)
-            self._global = unflatten(flatten(self._global) + delta.numpy(), self._global)
-        metrics = {"accepted_updates": len(rows), "rejected_updates": rejected, "failed_clients": len(failures)}
+            if self.threat_model is not None:  # threat-model simulation: omniscient attackers' slots
+                stacked = self.threat_model(stacked, torch.tensor([p in self.malicious for p in senders]))
+            try:
+                delta = self.aggregate(stacked, torch.tensor(weights, dtype=torch.float64), self.num_malicious)
+            except ValueError as err:  # too few accepted updates for the rule this round
+                skipped = 1
+                log(WARNING, "round %d: kept the global model, the aggregator cannot run: %s", server_round, err)
+            else:
+                self._global = unflatten(flatten(self._global) + delta.numpy(), self._global)
+        metrics = {"accepted_updates": len(rows), "rejected_updates": rejected, "failed_clients": len(failures),
+                   "skipped_aggregation": skipped}
         entry = self._log_round(server_round, **metrics)
         log(INFO, "round %d/%d: %d updates aggregated, %d rejected, %d failed (%.1f s)",
             server_round, self.num_rounds, len(rows), rejected, len(failures), entry["seconds"])

@@ -8,7 +8,18 @@ import torch
 from flwr.app import RecordDict
 from omegaconf import OmegaConf
 
-from app.attacks import attack_update, gaussian_update, malicious_devices, poison_labels, scale_update
+from app.attacks import (
+    aggregator_f,
+    alie,
+    alie_z,
+    attack_update,
+    gaussian_update,
+    ipm,
+    malicious_devices,
+    poison_labels,
+    scale_update,
+    threat_model,
+)
 from app.client_app import DittoClient
 from app.config import compose_config
 from app.data import load_federation
@@ -72,3 +83,36 @@ def test_gaussian_attack_corrupts_labels_only_when_asked() -> None:
         k = min(malicious_devices(cfg.num_clients, cfg.attack.fraction, cfg.seed))
         client = DittoClient(cfg, k, RecordDict())
         assert torch.equal(client._train_labels(), client.data.y_train) == (not corrupt)
+
+
+def test_sign_flip_sends_minus_scale_times_the_update() -> None:
+    attack = OmegaConf.create({"name": "sign_flip", "fraction": 0.5, "scale": 2.0})
+    out = attack_update(attack, [np.array([1.0, -3.0], dtype=np.float32)], np.random.default_rng(0), 5)
+    np.testing.assert_array_equal(out[0], [-2.0, 6.0])
+
+
+def test_alie_and_ipm_follow_their_definitions() -> None:
+    benign = torch.tensor([[1.0, 2.0], [3.0, 2.0], [2.0, 5.0]])
+    torch.testing.assert_close(alie(benign, 1.5), benign.mean(0) - 1.5 * benign.std(0))
+    torch.testing.assert_close(ipm(benign, 0.5), -0.5 * benign.mean(0))
+    # Baruch et al.: n = 50, f = 24 -> s = 2, z = Phi^-1(48/50) ~ 1.75
+    assert alie_z(50, 24) == pytest.approx(1.7507, abs=1e-3)
+
+
+def test_threat_model_replaces_only_the_malicious_slots_with_the_benign_statistic() -> None:
+    updates = torch.tensor([[1.0, 1.0], [3.0, 5.0], [100.0, -100.0], [2.0, 3.0]])
+    mask = torch.tensor([False, False, True, False])
+    simulate = threat_model(OmegaConf.create({"name": "ipm", "epsilon": 0.5}), num_malicious=1)
+    out = simulate(updates, mask)
+    torch.testing.assert_close(out[~mask], updates[~mask])
+    torch.testing.assert_close(out[2], -0.5 * updates[~mask].mean(0))
+    assert threat_model(OmegaConf.create({"name": "label_poison"}), 1) is None
+    alie_sim = threat_model(OmegaConf.create({"name": "alie", "z": None}), num_malicious=1)
+    torch.testing.assert_close(alie_sim(updates, mask)[2], alie(updates[~mask], alie_z(4, 1)))
+
+
+def test_default_f_is_the_expected_number_of_attackers_per_round_as_the_official_code() -> None:
+    assert aggregator_f(compose_config(["clients_per_round=5"])) == 2  # int(5 * 10 / 20)
+    assert aggregator_f(compose_config(["clients_per_round=10"])) == 5
+    assert aggregator_f(compose_config(["attack=none"])) == 0
+    assert aggregator_f(compose_config(["aggregator.f=1"])) == 1

@@ -21,7 +21,7 @@ def test_config_groups_mirror_the_registries(group: str, registry: dict) -> None
     files = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
     assert files == set(registry)
     for name in files:
-        assert compose_config([f"{group}={name}"])[group].name == name
+        assert compose_config([f"{group}={name}", "aggregator.f=0"])[group].name == name  # bulyan: n >= 4f + 3
 
 
 def test_default_experiment_is_digits_a1_half_malicious_ditto_lambda_one() -> None:
@@ -47,6 +47,16 @@ def test_bad_values_name_the_key_and_the_allowed_values(override: str, key: str,
     with pytest.raises(ConfigError) as err:
         compose_config([override])
     assert f"'{key}'" in str(err.value) and allowed in str(err.value)
+
+
+def test_an_aggregator_that_cannot_run_is_refused_at_configuration_time() -> None:
+    with pytest.raises(ConfigError, match="bulyan needs n >= 4f \\+ 3.*clients_per_round >= 11"):
+        compose_config(["aggregator=bulyan"])  # 5 per round, f = int(5 * 10 / 20) = 2
+    assert compose_config(["aggregator=bulyan", "aggregator.f=0"]).aggregator.f == 0
+    with pytest.raises(ConfigError, match="'aggregator.beta'"):
+        compose_config(["aggregator=trimmed_mean", "aggregator.beta=0.5"])
+    with pytest.raises(ConfigError, match="'aggregator.inner'"):
+        compose_config(["aggregator=norm_clip", "aggregator.inner=norm_clip"])
 
 
 def test_attack_none_has_no_attackers_whatever_the_fraction() -> None:

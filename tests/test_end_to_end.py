@@ -81,6 +81,28 @@ def test_update_attacks_hurt_the_global_model_on_the_same_benign_devices(tmp_pat
         assert benign_mean(runs[attack]) < benign_mean(runs["none"]) - 0.03, attack
 
 
+@pytest.mark.slow
+def test_every_aggregator_runs_under_ditto_and_global_with_an_omniscient_attack(tmp_path: Path) -> None:
+    from strategies.aggregators import AGGREGATORS
+
+    names = sorted(AGGREGATORS)
+    # 8 devices, 2 attackers, 7 per round: f = int(7 * 2 / 8) = 1, so even Bulyan (n >= 4f + 3 = 7) can run
+    proc = _simulate(["-m", "num_clients=8", "clients_per_round=7", "num_rounds=2", "eval_every=2", "local_steps=2",
+                      "attack=alie", "attack.fraction=0.25", f"aggregator={','.join(names)}", "method=ditto,global",
+                      f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = set()
+    for job in tmp_path.iterdir():
+        if not (job / "results.json").exists():
+            continue
+        r = json.loads((job / "results.json").read_text())
+        seen.add((r["config"]["aggregator"]["name"], r["config"]["method"]["name"]))
+        assert all(x["accepted_updates"] == 7 and x["skipped_aggregation"] == 0 for x in r["rounds"])
+        assert (r["final"]["personal"] is None) == (r["config"]["method"]["name"] == "global")
+        assert 0.0 <= r["final"]["global"]["benign_acc"] <= 1.0
+    assert seen == {(a, m) for a in names for m in ("ditto", "global")}
+
+
 def test_hydra_entry_reports_a_bad_value_and_the_allowed_ones(tmp_path: Path) -> None:
     proc = _simulate(["lr=-1", f"hydra.run.dir={tmp_path}"], tmp_path)
     assert proc.returncode != 0
@@ -103,6 +125,7 @@ def test_flwr_run_refuses_a_bad_config_before_starting_anything(tmp_path: Path) 
     assert not (tmp_path / "home").exists()
 
 
+@pytest.mark.slow
 def test_failed_run_is_reported_by_status_not_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """flwr run exits 0 for a failed run: the launcher must read the status instead."""
     import app.launch as launch

@@ -142,3 +142,35 @@ def test_only_evaluation_rounds_ask_every_device() -> None:
     asked = {r: len(strategy.configure_evaluate(r, ndarrays_to_parameters(MODEL), _manager(devices)))
              for r in range(1, 8)}
     assert asked == {1: 0, 2: 0, 3: 4, 4: 0, 5: 0, 6: 4, 7: 4}
+
+
+def test_a_round_the_rule_cannot_aggregate_keeps_the_global_model_and_is_counted() -> None:
+    nan = [np.full((2, 3), np.nan, dtype=np.float32), np.zeros(3, dtype=np.float32)]
+    devices = [FakeDevice("a", 0), FakeDevice("b", 1, nan), FakeDevice("c", 2, nan), FakeDevice("d", 3)]
+    strategy = RobustStrategy(initial_parameters=ndarrays_to_parameters(MODEL),
+                              aggregate=build_aggregator({"name": "krum"}), num_clients=4, clients_per_round=4,
+                              num_rounds=1, eval_every=10, seed=0, num_malicious=0, connect_timeout=5)
+    server = Server(client_manager=_manager(devices), strategy=strategy)
+    server.fit(num_rounds=1, timeout=None)  # krum needs n >= f + 3 = 3 updates; 2 are valid
+    assert strategy.rounds[0]["skipped_aggregation"] == 1 and strategy.rounds[0]["rejected_updates"] == 2
+    for a in parameters_to_ndarrays(server.parameters):
+        np.testing.assert_array_equal(a, 0.0)
+
+
+def test_threat_model_sees_the_malicious_devices_rows() -> None:
+    seen = {}
+
+    def record(updates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seen["mask"] = mask.tolist()
+        return torch.zeros_like(updates)
+
+    devices = [FakeDevice(c, k) for k, c in enumerate("abcd")]
+    strategy = RobustStrategy(initial_parameters=ndarrays_to_parameters(MODEL),
+                              aggregate=build_aggregator({"name": "mean"}), num_clients=4, clients_per_round=4,
+                              num_rounds=1, eval_every=10, seed=0, threat_model=record, malicious=frozenset({1, 3}),
+                              connect_timeout=5)
+    server = Server(client_manager=_manager(devices), strategy=strategy)
+    server.fit(num_rounds=1, timeout=None)
+    assert seen["mask"] == [False, True, False, True]  # rows sorted by partition id
+    for a in parameters_to_ndarrays(server.parameters):
+        np.testing.assert_array_equal(a, 0.0)  # the aggregator saw the threat model's stack
