@@ -1,0 +1,108 @@
+"""Aggregator speed and memory: ours against Flower 1.41's functions on the same inputs, in one process.
+
+    python benchmarks/aggregators.py            # n in {10, 50, 100} x d in {1e5, 1e6}
+    python benchmarks/aggregators.py --quick    # n in {10, 50} x d = 1e5
+
+For each rule and size it prints the time of ours and of Flower's matching function (best of the repeats), their
+ratio, and ours' peak extra resident memory as a multiple of the stack's size (VmHWM after resetting it through
+/proc/self/clear_refs, minus the resident size before the call). Flower's functions run in a forked child so that
+one slower than --cap seconds can be stopped; the ratio is then a lower bound (">"). f = (n - 3) // 4, the largest
+Bulyan allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+from strategies.aggregators import AGGREGATORS
+
+FLOWER: dict[str, Callable[[list, int], object]] = {
+    "median": lambda results, f: aggregate_median(results),
+    "trimmed_mean": lambda results, f: aggregate_trimmed_avg(results, 0.1),
+    "krum": lambda results, f: aggregate_krum(results, f, 0),
+    "multikrum": lambda results, f: aggregate_krum(results, f, len(results) - f),
+    "bulyan": lambda results, f: aggregate_bulyan(list(results), f, aggregate_krum, to_keep=0),
+}
+OPTIONS = {"trimmed_mean": {"beta": 0.1}}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def ours(name: str, stack: torch.Tensor, weights: torch.Tensor, f: int, repeats: int) -> tuple[float, float]:
+    """(best seconds, peak extra memory / stack bytes) of our rule."""
+    rule = AGGREGATORS[name]
+    best, extra = float("inf"), 0.0
+    for _ in range(repeats):
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident size
+        before = _status_kib("VmRSS")
+        start = time.perf_counter()
+        rule(stack, weights, f, **OPTIONS.get(name, {}))
+        best = min(best, time.perf_counter() - start)
+        extra = max(extra, (_status_kib("VmHWM") - before) * 1024 / (stack.numel() * stack.element_size()))
+    return best, extra
+
+
+def _flower_child(name: str, results: list, f: int, repeats: int, conn) -> None:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        FLOWER[name](results, f)
+        best = min(best, time.perf_counter() - start)
+    conn.send(best)
+
+
+def flower(name: str, results: list, f: int, repeats: int, cap: float) -> float | None:
+    """Best seconds of Flower's function, or None when it ran past `cap` seconds (then stopped)."""
+    parent, child = mp.get_context("fork").Pipe()
+    proc = mp.get_context("fork").Process(target=_flower_child, args=(name, results, f, repeats, child))
+    proc.start()
+    if parent.poll(cap * repeats):
+        seconds = parent.recv()
+        proc.join()
+        return seconds
+    proc.kill()
+    proc.join()
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="n in {10, 50}, d = 1e5 only")
+    parser.add_argument("--cap", type=float, default=120.0, help="seconds after which a Flower function is stopped")
+    args = parser.parse_args()
+    sizes = [(n, d) for d in ([10**5] if args.quick else [10**5, 10**6]) for n in ([10, 50] if args.quick else [10, 50, 100])]
+    print(f"torch threads: {torch.get_num_threads()}; Flower's functions are numpy (mostly one thread)")
+    print(f"{'rule':<14}{'n':>5}{'d':>9}{'ours s':>10}{'flower s':>11}{'speed-up':>10}{'peak mem/stack':>16}")
+    for n, d in sizes:
+        f = (n - 3) // 4
+        stack = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 7 + d))
+        weights = torch.ones(n, dtype=torch.float64)
+        results = [([row], 1) for row in stack.numpy()]
+        repeats = 3 if n * d <= 5 * 10**6 else 1
+        for name in AGGREGATORS:
+            t_ours, mem = ours(name, stack, weights, f, repeats)
+            t_ref = flower(name, results, f, repeats, args.cap) if name in FLOWER else None
+            if name not in FLOWER:
+                ref, ratio = "-", "-"
+            elif t_ref is None:
+                ref, ratio = f">{args.cap:.0f}", f">{args.cap / t_ours:.0f}x"
+            else:
+                ref, ratio = f"{t_ref:.3f}", f"{t_ref / t_ours:.1f}x"
+            print(f"{name:<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{ref:>11}{ratio:>10}{mem:>15.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
