@@ -37,6 +37,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
     model = build_model(cfg.dataset.model, federation.num_features, federation.num_classes, cfg.seed)
     malicious = attackers(cfg)
+    f = aggregator_f(cfg)
     recorder = RunRecorder(cfg, malicious, out_dir)
     strategy = RobustStrategy(
         initial_parameters=ndarrays_to_parameters(get_weights(model)),
@@ -46,9 +47,9 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         num_rounds=cfg.num_rounds,
         eval_every=cfg.eval_every,
         seed=cfg.seed,
-        num_malicious=aggregator_f(cfg),
+        num_malicious=f,
         evaluate_metrics_fn=recorder.evaluate,
-        threat_model=threat_model(cfg.attack, aggregator_f(cfg)),
+        threat_model=threat_model(cfg.attack, f),
         malicious=malicious,
     )
     return ServerAppComponents(server=ResultsServer(strategy, recorder), config=ServerConfig(num_rounds=cfg.num_rounds))

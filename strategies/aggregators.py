@@ -2,8 +2,9 @@
 
 Every rule takes `updates` (n x d float tensor, one row per accepted client update), `weights` (n sample counts)
 and `num_malicious` (f, the number of malicious rows the rule should tolerate) and returns the aggregated update
-(d,). Pairwise distances come from the Gram matrix (no loop over pairs); order statistics use top-k/k-th value
-selections instead of full sorts, so peak extra memory stays within a few copies of the stack. A rule that cannot
+(d,). Pairwise distances come from the Gram matrix (no loop over pairs); coordinate-wise order statistics partition
+cache-sized transposed column blocks (no full sort, no copy of the stack), so peak extra memory stays within a few
+copies of the stack. A rule that cannot
 run on the rows it got raises ValueError; `check_aggregator` says so for a configuration before any round runs.
 """
 

@@ -172,7 +172,9 @@ class RobustStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rows, weights, senders, rejected = [], [], [], 0
-        for proxy, res in sorted(results, key=lambda r: self._partition_of.get(r[0].cid, -1)):
+        by_device = sorted(((self._partition_of.get(proxy.cid, -1), proxy, res) for proxy, res in results),
+                           key=lambda item: item[0])
+        for pid, proxy, res in by_device:
             try:
                 update = parameters_to_ndarrays(res.parameters)
             except Exception as err:  # undecodable bytes are a malformed update like any other
@@ -183,12 +185,11 @@ class RobustStrategy(Strategy):
                 reason = f"num_examples={res.num_examples}"
             if reason is not None:
                 rejected += 1
-                log(WARNING, "round %d: rejected the update of device %s: %s",
-                    server_round, self._partition_of.get(proxy.cid, proxy.cid), reason)
+                log(WARNING, "round %d: rejected the update of device %s: %s", server_round, pid, reason)
                 continue
             rows.append(flatten(update))
             weights.append(res.num_examples)
-            senders.append(self._partition_of.get(proxy.cid, -1))
+            senders.append(pid)
         skipped = 0
         if rows:
             stacked = torch.from_numpy(np.stack(rows))
