@@ -1,13 +1,12 @@
-"""ClientApp: one device of the federation. `fit` runs the Ditto round (global step + personal step on the same
-mini-batches, w^t fixed as the prox centre) and returns the global update; the personal model is kept as stored
-client state (`context.state`) and never leaves the device. `evaluate` scores the received global model and the
-personal model on the device's own test split. Malicious devices apply the configured attack."""
+"""ClientApp: one device of the federation. `fit` runs the method's local round (Ditto: the global step and the
+personal step on the same mini-batches, w^t fixed as the prox centre) and returns the global update; a personal model
+is kept as stored client state (`context.state`) and never leaves the device. `evaluate` scores the received global
+model and the personal model on the device's own test split. Malicious devices apply the configured attack."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import NDArrays, Scalar
@@ -16,10 +15,17 @@ from omegaconf import DictConfig
 from app import ditto
 from app.attacks import attack_update, attackers, corrupts_labels, poison_labels
 from app.config import config_from_overrides
-from app.data import DeviceData, load_federation
-from app.models import build_model, get_weights, set_weights
+from app.data import load_federation
+from app.methods import METHODS, apfl_round, mix_into
+from app.models import build_model, get_weights, objective, set_weights
 
 PERSONAL_KEY = "ditto.personal"
+LAM_COUNTS_KEY = "ditto.lam_counts"  # lam auto: how often each grid value was chosen
+
+# lam auto (the paper): the grid and the fixed lam for devices with too little validation data, by attack strength
+LAM_GRID = {True: (0.05, 0.1, 0.2), False: (0.1, 1.0, 2.0)}
+LAM_FIXED = {True: 0.1, False: 1.0}
+MIN_VALIDATION = 4
 
 
 class DittoClient(NumPyClient):
@@ -31,73 +37,126 @@ class DittoClient(NumPyClient):
         self.state = state
         federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
         self.num_classes = federation.num_classes
-        self.data: DeviceData = federation.devices[partition_id]
+        self.method = METHODS[cfg.method.name]
         self.malicious = partition_id in attackers(cfg)
-        self.personalized = ditto.METHODS[cfg.method.name]
-        self._build = lambda: build_model(cfg.dataset.model, federation.num_features, federation.num_classes, cfg.seed)
+        self.objective = objective(cfg.dataset)
+        self._build = lambda: build_model(cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed)
+        data = federation.devices[partition_id]
+        self.x_test, self.y_test = data.x_test, data.y_test
+        lam = cfg.method.get("lam", 0.0)
+        self.lam: float | ditto.LamSearch
+        if lam == "auto":
+            self.x_train, y_train, self.lam = self._hold_out_validation(data.x_train, data.y_train)
+        else:
+            self.x_train, y_train, self.lam = data.x_train, data.y_train, float(lam)
+        self.y_train = self._poisoned(y_train) if self.malicious and corrupts_labels(cfg.attack) else y_train
 
     def _generator(self, server_round: int, stream: int) -> torch.Generator:
         """A torch RNG that depends only on (seed, device, round, stream): results do not depend on scheduling."""
         seed = np.random.SeedSequence([self.cfg.seed, self.partition_id, server_round, stream]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(seed))
 
-    def _train_labels(self) -> torch.Tensor:
-        if self.malicious and corrupts_labels(self.cfg.attack):
-            return poison_labels(self.data.y_train, self.num_classes, self._generator(0, 1))
-        return self.data.y_train
+    def _poisoned(self, y: torch.Tensor) -> torch.Tensor:
+        return poison_labels(y, self.num_classes, self._generator(0, 1))
+
+    def _hold_out_validation(self, x: torch.Tensor, y: torch.Tensor):  # -> (x_train, y_train, lam)
+        """lam auto: a seeded validation split of the training data, taken before any label corruption; devices
+        with fewer than MIN_VALIDATION validation samples keep all their data and the fixed lam."""
+        strong = bool(self.cfg.method.strong_attack)
+        perm = torch.randperm(len(y), generator=self._generator(0, 5))
+        n_val = round(float(self.cfg.method.val_fraction) * len(y))
+        if n_val < MIN_VALIDATION or n_val >= len(y):
+            return x, y, LAM_FIXED[strong]
+        val, train = perm[:n_val], perm[n_val:]
+        return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
 
     def _personal_model(self) -> torch.nn.Module:
-        """v_k: the stored personal model, or the initial global model if this device never trained."""
+        """The stored personal model, or the initial global model if this device never trained."""
         model = self._build()
         if PERSONAL_KEY in self.state:
             set_weights(model, self.state[PERSONAL_KEY].to_numpy_ndarrays())
         return model
+
+    def _reported_lam(self) -> float | None:
+        """The lam this device trains with: fixed, or (auto) the grid value chosen most often so far."""
+        if not isinstance(self.lam, ditto.LamSearch):
+            return self.lam
+        if LAM_COUNTS_KEY not in self.state:
+            return None
+        counts = self.state[LAM_COUNTS_KEY].to_numpy_ndarrays()[0]
+        return self.lam.grid[int(np.argmax(counts))]
+
+    def _count_lams(self, chosen: list[float]) -> None:
+        grid = self.lam.grid
+        counts = (self.state[LAM_COUNTS_KEY].to_numpy_ndarrays()[0] if LAM_COUNTS_KEY in self.state
+                  else np.zeros(len(grid)))
+        for lam in chosen:
+            counts[grid.index(lam)] += 1
+        self.state[LAM_COUNTS_KEY] = ArrayRecord(numpy_ndarrays=[counts])
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         return {"partition_id": self.partition_id}
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         server_round = int(config["server_round"])
+        torch.manual_seed(int(self._generator(server_round, 3).initial_seed()))  # dropout: same masks on any worker
         global_model = self._build()
         set_weights(global_model, parameters)
-        personal = self._personal_model() if self.personalized else None
-        ditto.local_round(
-            global_model,
-            personal,
-            self.data.x_train,
-            self._train_labels(),
-            steps=self.cfg.local_steps,
-            batch_size=self.cfg.batch_size,
-            lr=float(self.cfg.lr),
-            lam=float(self.cfg.method.get("lam", 0.0)),
-            loss_fn=F.cross_entropy,
-            generator=self._generator(server_round, 0),
-        )
+        metrics: dict[str, Scalar] = {"partition_id": self.partition_id}
+        if self.method.server_rule is not None:  # F_k(w^t), for the fair solvers' server step
+            metrics["train_loss"] = ditto.evaluate(global_model, self.x_train, self.y_train, self.objective)[1]
+        personal = self._personal_model() if self.method.personal is not None else None
+        steps = dict(steps=self.cfg.local_steps, batch_size=self.cfg.batch_size, lr=float(self.cfg.lr),
+                     loss_fn=self.objective, generator=self._generator(server_round, 0))
+        if self.method.personal == "apfl":
+            apfl_round(global_model, personal, self.x_train, self.y_train, alpha=float(self.cfg.method.alpha), **steps)
+        else:
+            chosen = ditto.local_round(global_model, personal, self.x_train, self.y_train, lam=self.lam,
+                                       train_global=self.method.trains_global, **steps)
+            if isinstance(self.lam, ditto.LamSearch):
+                self._count_lams(chosen)
         if personal is not None:
             self.state[PERSONAL_KEY] = ArrayRecord(numpy_ndarrays=get_weights(personal))
-        update = [w - w0 for w, w0 in zip(get_weights(global_model), parameters)]
+        if self.method.trains_global:
+            update = [w - w0 for w, w0 in zip(get_weights(global_model), parameters)]
+        else:
+            update = [np.zeros_like(w0) for w0 in parameters]
         if self.malicious:
             rng = np.random.default_rng([self.cfg.seed, self.partition_id, server_round, 2])
             update = attack_update(self.cfg.attack, update, rng, self.cfg.clients_per_round)
-        return update, len(self.data.y_train), {"partition_id": self.partition_id}
+        return update, len(self.y_train), metrics
+
+    def _evaluated_personal(self, global_model: torch.nn.Module, server_round: int) -> torch.nn.Module:
+        if self.method.evaluates == "mix":
+            return mix_into(self._build(), self._personal_model(), global_model, float(self.cfg.method.alpha))
+        if self.method.evaluates == "finetune":
+            tuned = self._build()
+            set_weights(tuned, get_weights(global_model))
+            ditto.local_round(tuned, None, self.x_train, self.y_train, steps=int(self.cfg.method.steps),
+                              batch_size=self.cfg.batch_size, lr=float(self.cfg.lr), lam=0.0,
+                              loss_fn=self.objective, generator=self._generator(server_round, 4))
+            return tuned
+        return self._personal_model()
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         model = self._build()
         set_weights(model, parameters)
-        x, y = self.data.x_test, self.data.y_test
-        correct, loss = ditto.evaluate(model, x, y, F.cross_entropy)
+        correct, loss = ditto.evaluate(model, self.x_test, self.y_test, self.objective)
         metrics: dict[str, Scalar] = {
             "partition_id": self.partition_id,
-            "n_train": len(self.data.y_train),
-            "n_test": len(y),
+            "n_train": len(self.y_train),
+            "n_test": len(self.y_test),
             "correct_global": correct,
             "loss_global": loss,
         }
-        if self.personalized:
+        if self.method.evaluates is not None:
+            personal = self._evaluated_personal(model, int(config.get("server_round", 0)))
             metrics["correct_personal"], metrics["loss_personal"] = ditto.evaluate(
-                self._personal_model(), x, y, F.cross_entropy
+                personal, self.x_test, self.y_test, self.objective
             )
-        return loss, len(y), metrics
+        if self.method.personal == "prox" and self._reported_lam() is not None:
+            metrics["lam"] = float(self._reported_lam())
+        return loss, len(self.y_test), metrics
 
 
 def _partition_id(context: Context, cfg: DictConfig) -> int:

@@ -64,7 +64,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot be used."""
     from app.attacks import ATTACKS, aggregator_f
     from app.data import DATASETS, PARTITIONERS
-    from app.ditto import METHODS
+    from app.methods import METHODS
     from app.models import MODELS
     from strategies.aggregators import AGGREGATORS, check_aggregator
 
@@ -79,10 +79,24 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(cfg, "dataset.name", DATASETS, "dataset")
     _choice(cfg, "dataset.model", MODELS)
-    _choice(cfg, "dataset.partitioner", PARTITIONERS)
-    _check(cfg, "dataset.alpha", _real(0, lo_open=True), "a number > 0")
-    _check(cfg, "dataset.classes_per_client", _int(1), "an integer >= 1")
     _check(cfg, "dataset.test_fraction", _real(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)")
+    synthetic = cfg.dataset.name == "synthetic"
+    dataset_options = {
+        "partitioner": (lambda v: v in PARTITIONERS, f"one of {', '.join(PARTITIONERS)}"),
+        "alpha": (_real(0), "a number >= 0") if synthetic else (_real(0, lo_open=True), "a number > 0"),
+        "beta": (_real(0), "a number >= 0"),
+        "classes_per_client": (_int(1), "an integer >= 1"),
+        "stratified_split": (lambda v: isinstance(v, bool), "true or false"),
+        "num_features": (_int(1), "an integer >= 1"),
+        "num_classes": (_int(2), "an integer >= 2"),
+        "l2": (_real(0), "a number >= 0"),
+        "image_size": (_int(8), "an integer >= 8"),
+        "path": (lambda v: v is None or isinstance(v, str), "null (the hub) or a folder"),
+        "data_dir": (lambda v: v is None or isinstance(v, str), "a folder"),
+    }
+    for option, (ok, allowed) in dataset_options.items():
+        if option in cfg.dataset:
+            _check(cfg, f"dataset.{option}", ok, allowed)
 
     _choice(cfg, "attack.name", ATTACKS, "attack")
     _check(cfg, "attack.fraction", _real(0, 1, hi_open=True), "a number in [0, 1)")
@@ -119,8 +133,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'aggregator' = {cfg.aggregator.name!r} cannot run here: {err}") from None
 
     _choice(cfg, "method.name", METHODS, "method")
-    if cfg.method.name == "ditto":
-        _check(cfg, "method.lam", _real(0), "a number >= 0 (0: local training; large: close to the global model)")
+    method_options = {
+        "lam": (lambda v: v == "auto" or _real(0)(v),
+                "a number >= 0 (0: local training; large: close to the global model) or auto"),
+        "strong_attack": (lambda v: isinstance(v, bool), "true or false"),
+        "val_fraction": (_real(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
+        "steps": (_int(0), "an integer >= 0"),
+        "q": (_real(0), "a number >= 0 (0: the plain mean)"),
+        "alpha": (_real(0, 1), "a number in [0, 1]"),
+    }
+    for option, (ok, allowed) in method_options.items():
+        if option in cfg.method:
+            _check(cfg, f"method.{option}", ok, allowed)
 
 
 def main(argv: Sequence[str]) -> int:

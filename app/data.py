@@ -1,18 +1,37 @@
-"""Federations: a dataset split over devices, each with a seeded train/test split, loaded once per process.
+"""Federations: a dataset split over devices, each device with a seeded train/test split, loaded once per process.
 
-Partitioning uses flwr-datasets' partitioners (`dirichlet`: label skew with concentration `alpha`;
-`pathological`: `classes_per_client` classes per device; `iid`) over the dataset shuffled with the seed.
+Each loader in DATASETS returns a `Pool` (the examples and which device holds which); `load_federation` splits every
+device's share into train and test. Sources:
+- `digits`: scikit-learn's handwritten digits (offline), partitioned by a flwr-datasets partitioner.
+- `vehicle`: the paper's Vehicle federation, LEAF JSON in `dataset.data_dir` (one device per sensor).
+- `synthetic`: Synthetic(alpha, beta) of the FedProx / q-FFL papers, generated from the seed.
+- `femnist`, `celeba`: natural federations (one device per writer / celebrity) of the Hugging Face tables
+  `flwrlabs/femnist`, `flwrlabs/celeba`, partitioned with flwr-datasets' NaturalIdPartitioner.
+- `fashion_mnist`: the paper's partition (each device `classes_per_client` consecutive classes, lognormal sizes).
+- `cifar10`: Dirichlet(alpha) label skew.
+Hub-backed datasets read `dataset.path` instead of the hub when it is set: a folder written by `save_to_disk`, or a
+folder of raw data files that `datasets.load_dataset` reads (parquet, arrow, csv, imagefolder).
+Partitioners (`dataset.partitioner`): `dirichlet` (label skew, `alpha`), `pathological` (`classes_per_client`
+classes per device), `iid`, `consecutive` (the paper's Fashion-MNIST scheme), over the dataset shuffled by the seed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class DataUnavailable(RuntimeError):
+    """The data of a dataset cannot be read; the message says where it was looked for and what to do."""
 
 
 @dataclass(frozen=True)
@@ -28,21 +47,51 @@ class DeviceData:
 @dataclass(frozen=True)
 class Federation:
     devices: tuple[DeviceData, ...]
-    num_features: int
+    input_shape: tuple[int, ...]  # one example, no batch axis
     num_classes: int
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray, int]:
-    from sklearn.datasets import load_digits
+@dataclass(frozen=True)
+class Pool:
+    """All examples of a federation and the indices each device holds (disjoint)."""
 
-    x, y = load_digits(return_X_y=True)
-    return (x / 16.0).astype(np.float32), y.astype(np.int64), 10
+    x: np.ndarray  # float32, (N, *input_shape)
+    y: np.ndarray  # int64 class indices, (N,)
+    num_classes: int
+    parts: list[np.ndarray]
 
 
-DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, int]]] = {"digits": _digits}
+# ---------------------------------------------------------------------------------------------------- partitioners
+
+PARTITIONERS = ("consecutive", "dirichlet", "iid", "pathological")
 
 
-def _partitioner(dataset: DictConfig, num_clients: int, seed: int):  # -> flwr_datasets Partitioner
+def consecutive_classes(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int) -> list[np.ndarray]:
+    """The paper's Fashion-MNIST partition: device k holds classes k, k+1, ... (mod C), `classes_per_client` of them,
+    with lognormal(3, 1) + 10 device sizes scaled to the dataset and lognormal(1, 1) class proportions. Each class is
+    dealt out without replacement (the official script wraps around and reuses samples; here a device whose class ran
+    out gets fewer)."""
+    rng = np.random.default_rng([seed, 0xC1A55])
+    classes = np.unique(labels)
+    pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    taken = dict.fromkeys(classes.tolist(), 0)
+    sizes = rng.lognormal(3, 1, num_clients) + 10
+    sizes = sizes / sizes.sum() * len(labels)
+    parts = []
+    for k in range(num_clients):
+        props = rng.lognormal(1, 1, classes_per_client)
+        props /= props.sum()
+        mine = []
+        for j in range(classes_per_client):
+            c = classes[(k + j) % len(classes)].item()
+            n = int(props[j] * sizes[k]) + 1
+            mine.append(pools[c][taken[c] : taken[c] + n])
+            taken[c] += len(mine[-1])
+        parts.append(np.concatenate(mine))
+    return parts
+
+
+def _flwr_partitioner(dataset: DictConfig, num_clients: int, seed: int):  # -> flwr_datasets Partitioner
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
 
     if dataset.partitioner == "dirichlet":
@@ -52,44 +101,243 @@ def _partitioner(dataset: DictConfig, num_clients: int, seed: int):  # -> flwr_d
     return IidPartitioner(num_clients)
 
 
-PARTITIONERS = ("dirichlet", "iid", "pathological")
+def _check_sizes(parts: Sequence[np.ndarray], hint: str) -> list[np.ndarray]:
+    small = [i for i, p in enumerate(parts) if len(p) < 2]
+    if small:
+        raise ValueError(f"devices {small} got fewer than 2 samples: {hint}")
+    return list(parts)
 
 
 def partition_indices(labels: np.ndarray, dataset: DictConfig, num_clients: int, seed: int) -> list[np.ndarray]:
-    """Indices of `labels` held by each device (disjoint; every device non-empty)."""
+    """Indices of `labels` held by each device (disjoint; every device at least 2)."""
+    hint = "use fewer num_clients or another dataset.partitioner/alpha"
+    if dataset.partitioner == "consecutive":
+        return _check_sizes(consecutive_classes(labels, num_clients, int(dataset.classes_per_client), seed), hint)
     from datasets import Dataset
 
     order = np.random.default_rng(seed).permutation(len(labels))
     table = Dataset.from_dict({"label": labels[order], "index": order})
-    partitioner = _partitioner(dataset, num_clients, seed)
+    partitioner = _flwr_partitioner(dataset, num_clients, seed)
     partitioner.dataset = table
-    parts = [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_clients)]
-    empty = [i for i, p in enumerate(parts) if len(p) < 2]
-    if empty:
-        raise ValueError(
-            f"devices {empty} got fewer than 2 samples: use fewer num_clients or another dataset.partitioner/alpha"
-        )
-    return parts
+    return _check_sizes([np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
+                         for i in range(num_clients)], hint)
 
 
-def split_device(indices: np.ndarray, test_fraction: float, seed: int, device: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded train/test split of one device's indices (at least one sample on each side)."""
-    perm = np.random.default_rng([seed, device]).permutation(indices)
-    n_test = min(len(perm) - 1, max(1, round(test_fraction * len(perm))))
-    return perm[n_test:], perm[:n_test]
+def choose_devices(ids: Sequence, num_clients: int, seed: int, what: str) -> list:
+    """`num_clients` of a natural federation's device ids: all of them in order, or a seeded subset (kept in order)."""
+    if num_clients > len(ids):
+        raise ValueError(f"num_clients={num_clients} but this federation has only {len(ids)} {what}: "
+                         f"set num_clients to at most {len(ids)}")
+    if num_clients == len(ids):
+        return list(ids)
+    chosen = np.sort(np.random.default_rng([seed, 0xD3F1CE]).choice(len(ids), size=num_clients, replace=False))
+    return [ids[i] for i in chosen]
+
+
+def natural_partition(ids: np.ndarray) -> list[np.ndarray]:
+    """Row indices per natural id (writer, celebrity) with flwr-datasets' NaturalIdPartitioner."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    partitioner = NaturalIdPartitioner(partition_by="device")
+    partitioner.dataset = Dataset.from_dict({"device": ids.tolist(), "index": np.arange(len(ids))})
+    return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
+            for i in range(partitioner.num_partitions)]
+
+
+# --------------------------------------------------------------------------------------------------------- sources
+
+
+def _digits(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    y = y.astype(np.int64)
+    return Pool(x, y, 10, partition_indices(y, dataset, num_clients, seed))
+
+
+def data_file(dataset: DictConfig, filename: str) -> Path:
+    """`filename` in `dataset.data_dir` (relative paths are taken from the project folder)."""
+    root = dataset.get("data_dir")
+    if not root:
+        raise DataUnavailable(f"dataset '{dataset.name}' reads {filename} from dataset.data_dir, which is not set: "
+                              f"set dataset.data_dir=DIR or the environment variable DITTO_DATA_DIR")
+    path = Path(str(root)).expanduser()
+    path = (path if path.is_absolute() else PROJECT_DIR / path) / filename
+    if not path.is_file():
+        raise DataUnavailable(f"dataset '{dataset.name}': {path} not found. Set dataset.data_dir=DIR to a folder that "
+                              f"holds {filename} (or DITTO_DATA_DIR to the folder above it)")
+    return path
+
+
+def _vehicle(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+    """LEAF JSON {users, user_data: {u: {x, y}}}; labels +-1 become 1/0 (the SVM's sign convention)."""
+    raw = json.loads(data_file(dataset, str(dataset.file)).read_text())
+    users = choose_devices(list(raw["users"]), num_clients, seed, "sensors")
+    xs = [np.asarray(raw["user_data"][u]["x"], dtype=np.float32) for u in users]
+    ys = [(np.asarray(raw["user_data"][u]["y"]).reshape(-1) > 0).astype(np.int64) for u in users]
+    bounds = np.cumsum([0, *map(len, ys)])
+    parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return Pool(np.concatenate(xs), np.concatenate(ys), 2, _check_sizes(parts, "this sensor has too little data"))
+
+
+def _synthetic(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+    """Synthetic(alpha, beta) (Shamir et al. 2014, as in FedProx): device k has W_k ~ N(u_k, 1), b_k ~ N(u_k, 1),
+    u_k ~ N(0, alpha); x ~ N(v_k, diag(j^-1.2)), v_k ~ N(B_k, 1), B_k ~ N(0, beta); y = argmax softmax(W_k x + b_k);
+    lognormal(4, 2) + 50 samples per device. alpha: how much device models differ; beta: how much their inputs do."""
+    rng = np.random.default_rng([seed, 0x5E7])
+    d, c = int(dataset.num_features), int(dataset.num_classes)
+    sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
+    model_means = rng.normal(0, float(dataset.alpha), num_clients)
+    input_means = rng.normal(0, float(dataset.beta), num_clients)
+    scale = np.sqrt(np.arange(1, d + 1, dtype=np.float64) ** -1.2)
+    xs, ys = [], []
+    for k in range(num_clients):
+        w = rng.normal(model_means[k], 1, (d, c))
+        b = rng.normal(model_means[k], 1, c)
+        x = rng.normal(input_means[k], 1, d) + rng.standard_normal((sizes[k], d)) * scale
+        xs.append(x.astype(np.float32))
+        ys.append((x @ w + b).argmax(axis=1).astype(np.int64))
+    bounds = np.cumsum([0, *sizes])
+    parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return Pool(np.concatenate(xs), np.concatenate(ys), c, parts)
+
+
+def hf_table(dataset: DictConfig):  # -> datasets.Dataset
+    """The dataset as one Hugging Face table, all splits in split-name order: from `dataset.path` when it is set,
+    else from the hub (`dataset.hub_id`)."""
+    from datasets import DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+
+    path = dataset.get("path")
+    fetch = f"python -c \"import datasets; datasets.load_dataset('{dataset.hub_id}').save_to_disk('DIR')\""
+    try:
+        if path:
+            folder = Path(str(path)).expanduser()
+            if not folder.exists():
+                raise FileNotFoundError(f"{folder} does not exist")
+            saved = (folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists()
+            table = load_from_disk(str(folder)) if saved else load_dataset(str(folder))
+        else:
+            table = load_dataset(str(dataset.hub_id))
+    except Exception as err:  # network, missing files, unreadable folder: all end in the same advice
+        source = f"dataset.path={path}" if path else f"the Hugging Face hub ('{dataset.hub_id}')"
+        raise DataUnavailable(
+            f"dataset '{dataset.name}': cannot load from {source} ({type(err).__name__}: {err}). Where the hub is "
+            f"reachable, leave dataset.path=null; otherwise download it on a machine with internet ({fetch}), copy "
+            f"DIR here and set dataset.path=DIR"
+        ) from err
+    if isinstance(table, DatasetDict):
+        table = concatenate_datasets([table[split] for split in sorted(table)])
+    return table
+
+
+def images(table, column: str, size: int | None = None) -> np.ndarray:  # table: datasets.Dataset
+    """The image column as float32 (N, C, H, W) in [0, 1], resized to size x size when given."""
+    out = []
+    for image in table[column]:
+        if size is not None:
+            image = image.resize((size, size))
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        out.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def _natural(dataset: DictConfig, num_clients: int, seed: int, id_column: str, what: str):
+    """The rows of `num_clients` natural devices (seeded subset) and their partition."""
+    table = hf_table(dataset)
+    ids = np.asarray(table[id_column])
+    chosen = choose_devices(np.unique(ids).tolist(), num_clients, seed, what)
+    rows = np.flatnonzero(np.isin(ids, chosen))
+    return table.select(rows), natural_partition(ids[rows])
+
+
+def _femnist(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+    """LEAF FEMNIST (columns image 28x28 grayscale, writer_id, character 0..61), one device per writer."""
+    table, parts = _natural(dataset, num_clients, seed, "writer_id", "writers")
+    return Pool(images(table, "image"), np.asarray(table["character"], dtype=np.int64), 62, parts)
+
+
+def _celeba(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+    """CelebA (columns image, celeb_id, 40 boolean attributes), one device per celebrity, task `dataset.target`."""
+    table, parts = _natural(dataset, num_clients, seed, "celeb_id", "celebrities")
+    y = np.asarray(table[str(dataset.target)]).astype(np.int64)
+    return Pool(images(table, "image", int(dataset.image_size)), y, 2, parts)
+
+
+def _pooled_images(dataset: DictConfig, num_clients: int, seed: int, column: str, standardize: bool) -> Pool:
+    table = hf_table(dataset)
+    y = np.asarray(table["label"], dtype=np.int64)
+    parts = partition_indices(y, dataset, num_clients, seed)
+    rows = np.concatenate(parts)
+    x = images(table.select(rows), column)
+    if standardize:  # per-pixel, as the official Fashion-MNIST script
+        x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-3)
+    bounds = np.cumsum([0, *map(len, parts)])
+    return Pool(x, y[rows], 10, [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def _fashion_mnist(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+    """Fashion-MNIST (columns image 28x28 grayscale, label 0..9)."""
+    return _pooled_images(dataset, num_clients, seed, "image", standardize=True)
+
+
+def _cifar10(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+    """CIFAR-10 (columns img 32x32 RGB, label 0..9)."""
+    return _pooled_images(dataset, num_clients, seed, "img", standardize=False)
+
+
+DATASETS: dict[str, Callable[[DictConfig, int, int], Pool]] = {
+    "digits": _digits,
+    "vehicle": _vehicle,
+    "synthetic": _synthetic,
+    "femnist": _femnist,
+    "fashion_mnist": _fashion_mnist,
+    "cifar10": _cifar10,
+    "celeba": _celeba,
+}
+
+
+# ------------------------------------------------------------------------------------------------- per-device split
+
+
+def split_device(
+    indices: np.ndarray, test_fraction: float, seed: int, device: int, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded train/test split of one device's indices (at least one sample on each side). With `labels`
+    (those of `indices`), each class is split in the same proportion (stratified)."""
+    rng = np.random.default_rng([seed, device])
+    if labels is None:
+        perm = rng.permutation(indices)
+        n_test = min(len(perm) - 1, max(1, round(test_fraction * len(perm))))
+        return perm[n_test:], perm[:n_test]
+    train, test = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(indices[labels == c])
+        n_test = round(test_fraction * len(members))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    tr, te = np.concatenate(train), np.concatenate(test)
+    if len(te) == 0:
+        tr, te = tr[1:], tr[:1]
+    elif len(tr) == 0:
+        tr, te = te[:1], te[1:]
+    return tr, te
 
 
 def load_federation(dataset: DictConfig, num_clients: int, seed: int) -> Federation:
     """The federation for this config; built once per process and reused (messages do not re-read data)."""
-    return _load(OmegaConf.to_yaml(dataset), num_clients, seed)
+    return _load(OmegaConf.to_yaml(dataset, resolve=True), num_clients, seed)
 
 
 @lru_cache(maxsize=4)
 def _load(dataset_yaml: str, num_clients: int, seed: int) -> Federation:
     dataset = OmegaConf.create(dataset_yaml)
-    x, y, num_classes = DATASETS[dataset.name]()
+    pool = DATASETS[dataset.name](dataset, num_clients, seed)
+    stratified = bool(dataset.get("stratified_split", False))
     devices = []
-    for k, idx in enumerate(partition_indices(y, dataset, num_clients, seed)):
-        train, test = split_device(idx, float(dataset.test_fraction), seed, k)
-        devices.append(DeviceData(*(torch.from_numpy(a) for a in (x[train], y[train], x[test], y[test]))))
-    return Federation(tuple(devices), num_features=int(np.prod(x.shape[1:])), num_classes=num_classes)
+    for k, idx in enumerate(pool.parts):
+        train, test = split_device(idx, float(dataset.test_fraction), seed, k, pool.y[idx] if stratified else None)
+        devices.append(DeviceData(*(torch.from_numpy(np.ascontiguousarray(a))
+                                    for a in (pool.x[train], pool.y[train], pool.x[test], pool.y[test]))))
+    return Federation(tuple(devices), tuple(pool.x.shape[1:]), pool.num_classes)

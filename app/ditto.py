@@ -4,19 +4,21 @@ Per local step, on ONE mini-batch b:
     personal: v <- v - lr * (grad F(v; b) + lam * (v - w^t))     (w^t: the global model received this round, fixed)
     global:   w <- w - lr * grad F(w; b)                           (w starts at w^t)
 Plain SGD with one learning rate for both. lam = 0 is local training; a large lam keeps v near w^t.
+
+lam "auto" (the official code's dynamic lambda): at every personal step each candidate lam of a small grid gives a
+candidate v, and the one with the lowest loss on the device's validation split is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from app.models import Objective, predictions
 
-# method name -> whether the device keeps a personal model
-METHODS: dict[str, bool] = {"ditto": True, "global": False}
 
 
 def sgd_step(
@@ -24,14 +26,14 @@ def sgd_step(
     x: torch.Tensor,
     y: torch.Tensor,
     lr: float,
-    loss_fn: LossFn,
+    loss_fn: Objective,
     prox_center: Sequence[torch.Tensor] | None = None,
     lam: float = 0.0,
 ) -> float:
     """One SGD step on (x, y); with `prox_center`, the gradient of lam/2 ||theta - center||^2 is added."""
     params = list(model.parameters())
     model.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
+    loss = loss_fn(model, model(x), y)
     loss.backward()
     with torch.no_grad():
         for i, p in enumerate(params):
@@ -52,6 +54,44 @@ def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator)
         pos += batch_size
 
 
+@dataclass(frozen=True)
+class LamSearch:
+    """Per-step choice of lam among `grid` by the loss on a held-out validation split (x_val, y_val)."""
+
+    grid: tuple[float, ...]
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+def auto_lam_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    loss_fn: Objective,
+    prox_center: Sequence[torch.Tensor],
+    search: LamSearch,
+) -> float:
+    """One personal step whose lam is the grid value giving the lowest validation loss after the step (ties: the
+    first in the grid); returns that lam."""
+    params = list(model.parameters())
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, model(x), y).backward()
+    start = [p.detach().clone() for p in params]
+    grads = [p.grad.detach().clone() for p in params]
+    best_lam, best_loss, best = search.grid[0], float("inf"), start
+    with torch.no_grad():
+        for lam in search.grid:
+            for p, p0, g, c in zip(params, start, grads, prox_center):
+                p.copy_(p0 - lr * (g + lam * (p0 - c)))
+            val_loss = evaluate(model, search.x_val, search.y_val, loss_fn)[1]
+            if val_loss < best_loss:
+                best_lam, best_loss, best = lam, val_loss, [p.detach().clone() for p in params]
+        for p, b in zip(params, best):
+            p.copy_(b)
+    return best_lam
+
+
 def local_round(
     global_model: nn.Module,
     personal_model: nn.Module | None,
@@ -61,23 +101,33 @@ def local_round(
     steps: int,
     batch_size: int,
     lr: float,
-    lam: float,
-    loss_fn: LossFn,
+    lam: float | LamSearch,
+    loss_fn: Objective,
     generator: torch.Generator,
-) -> None:
-    """Train `global_model` (holding w^t on entry) and, if given, `personal_model` in place for one round."""
+    train_global: bool = True,
+) -> list[float]:
+    """Train `global_model` (holding w^t on entry) and, if given, `personal_model` in place for one round; with
+    `train_global=False` only the personal model trains (local training). Returns the lam of each personal step."""
     center = [p.detach().clone() for p in global_model.parameters()]
+    chosen: list[float] = []
     for idx in minibatches(len(y), batch_size, steps, generator):
         xb, yb = x[idx], y[idx]
         if personal_model is not None:
-            sgd_step(personal_model, xb, yb, lr, loss_fn, prox_center=center, lam=lam)
-        sgd_step(global_model, xb, yb, lr, loss_fn)
+            if isinstance(lam, LamSearch):
+                chosen.append(auto_lam_step(personal_model, xb, yb, lr, loss_fn, center, lam))
+            else:
+                sgd_step(personal_model, xb, yb, lr, loss_fn, prox_center=center, lam=lam)
+                chosen.append(lam)
+        if train_global:
+            sgd_step(global_model, xb, yb, lr, loss_fn)
+    return chosen
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[int, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Objective) -> tuple[int, float]:
     """(number of correct predictions, mean loss) of `model` on (x, y)."""
     model.eval()
-    logits = model(x)
+    out = model(x)
+    loss = float(loss_fn(model, out, y))
     model.train()
-    return int((logits.argmax(dim=1) == y).sum()), float(loss_fn(logits, y))
+    return int((predictions(out) == y).sum()), loss

@@ -1,30 +1,155 @@
-"""Model registry. Models are built from the seed, so every process builds the same initial weights."""
+"""Model registry: each model with the objective F(model; batch) it is trained on. Models are built from the seed, so
+every process builds the same initial weights.
+
+Architectures of the paper (official Ditto code and LEAF): `svm` for Vehicle (linear, hinge loss + l2 * ||W||^2,
+labels +-1 stored as 0/1), `cnn_femnist`, `cnn_fmnist`, `cnn_celeba`; plus `mlp`, `logreg`, `cnn_small` (8x8 digits)
+and `cnn_cifar` (a small CIFAR-10 CNN).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
-
-def _mlp(num_features: int, num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(num_features, 64), nn.ReLU(), nn.Linear(64, num_classes))
-
-
-def _logreg(num_features: int, num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(num_features, num_classes))
+# F(model; x, y) given the model's output on x: (model, output, labels) -> scalar loss
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-MODELS: dict[str, Callable[[int, int], nn.Module]] = {"mlp": _mlp, "logreg": _logreg}
+def cross_entropy(model: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y)
 
 
-def build_model(name: str, num_features: int, num_classes: int, seed: int) -> nn.Module:
-    """The registry model `name`, initialised from `seed` without touching the global torch RNG."""
+def hinge(model: nn.Module, out: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
+    """Linear SVM objective of the official Vehicle model: mean(max(0, 1 - s * y)) + l2 * ||W||^2, y in {-1, +1}
+    (stored as 0/1), s the score; the bias is not penalised."""
+    sign = 2.0 * y.to(out.dtype) - 1.0
+    return torch.relu(1.0 - sign * out[:, 0]).mean() + l2 * model.linear.weight.pow(2).sum()
+
+
+def predictions(out: torch.Tensor) -> torch.Tensor:
+    """Class indices from a model's output: argmax over classes, or the sign of a single score (SVM: s > 0 is 1)."""
+    return out.argmax(dim=1) if out.shape[1] > 1 else (out[:, 0] > 0).long()
+
+
+class LinearSVM(nn.Module):
+    """One score per example; class 1 where it is positive."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_features, 1)
+        nn.init.zeros_(self.linear.weight)  # as the official model (tf.zeros)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+Shape = tuple[int, ...]
+
+
+def _flat(shape: Shape) -> int:
+    return math.prod(shape)
+
+
+def _mlp(shape: Shape, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat(shape), 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+
+def _logreg(shape: Shape, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(_flat(shape), num_classes))
+
+
+def _svm(shape: Shape, num_classes: int) -> nn.Module:
+    if num_classes != 2:
+        raise ValueError(f"model svm is binary; this dataset has {num_classes} classes: use dataset.model=logreg")
+    return LinearSVM(_flat(shape))
+
+
+def _conv_stack(shape: Shape, body: nn.Sequential, head: Callable[[int], list[nn.Module]]) -> nn.Module:
+    """`body` then a flatten and `head(size of the flattened body output)`, sized by a dry run on `shape`."""
+    with torch.no_grad():
+        size = body(torch.zeros(1, *shape)).numel()
+    return nn.Sequential(*body, nn.Flatten(), *head(size))
+
+
+def _cnn_small(shape: Shape, num_classes: int) -> nn.Module:
+    body = nn.Sequential(nn.Conv2d(shape[0], 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    return _conv_stack(shape, body, lambda n: [nn.Linear(n, num_classes)])
+
+
+def _cnn_femnist(shape: Shape, num_classes: int) -> nn.Module:
+    """conv 5x5 16 -> pool -> conv 5x5 32 -> pool -> dense 128 -> classes, dropout before the last layer."""
+    body = nn.Sequential(nn.Conv2d(shape[0], 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+    return _conv_stack(shape, body, lambda n: [nn.Linear(n, 128), nn.ReLU(), nn.Dropout(0.5),
+                                               nn.Linear(128, num_classes)])
+
+
+def _cnn_fmnist(shape: Shape, num_classes: int) -> nn.Module:
+    """conv 5x5 32 -> pool -> conv 5x5 64 -> pool -> dense 1024 -> classes."""
+    body = nn.Sequential(nn.Conv2d(shape[0], 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+    return _conv_stack(shape, body, lambda n: [nn.Linear(n, 1024), nn.ReLU(), nn.Linear(1024, num_classes)])
+
+
+def _cnn_cifar(shape: Shape, num_classes: int) -> nn.Module:
+    """3 x conv 3x3 (32, 64, 64) with two pools -> dense 64 -> classes."""
+    body = nn.Sequential(nn.Conv2d(shape[0], 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(64, 64, 3), nn.ReLU())
+    return _conv_stack(shape, body, lambda n: [nn.Linear(n, 64), nn.ReLU(), nn.Linear(64, num_classes)])
+
+
+def _cnn_celeba(shape: Shape, num_classes: int) -> nn.Module:
+    """4 x [conv 3x3 32, batch norm, max pool 2, ReLU] -> dense -> classes (LEAF's CelebA model)."""
+    layers: list[nn.Module] = []
+    channels = shape[0]
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.MaxPool2d(2), nn.ReLU()]
+        channels = 32
+    return _conv_stack(shape, nn.Sequential(*layers), lambda n: [nn.Linear(n, num_classes)])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[[Shape, int], nn.Module]
+    objective: str = "cross_entropy"  # "cross_entropy" | "hinge"
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(_mlp),
+    "logreg": ModelSpec(_logreg),
+    "svm": ModelSpec(_svm, "hinge"),
+    "cnn_small": ModelSpec(_cnn_small),
+    "cnn_femnist": ModelSpec(_cnn_femnist),
+    "cnn_fmnist": ModelSpec(_cnn_fmnist),
+    "cnn_cifar": ModelSpec(_cnn_cifar),
+    "cnn_celeba": ModelSpec(_cnn_celeba),
+}
+
+
+def objective(dataset: DictConfig) -> Objective:
+    """The training objective of the dataset's model (the SVM's l2 coefficient is `dataset.l2`)."""
+    if MODELS[dataset.model].objective == "hinge":
+        return partial(hinge, l2=float(dataset.get("l2", 0.0)))
+    return cross_entropy
+
+
+def build_model(name: str, input_shape: Shape, num_classes: int, seed: int) -> nn.Module:
+    """The registry model `name` for inputs of `input_shape` (no batch axis), initialised from `seed` without touching
+    the global torch RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](num_features, num_classes)
+        return MODELS[name].build(tuple(input_shape), num_classes)
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:

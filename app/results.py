@@ -46,6 +46,7 @@ class RunRecorder:
                 "n_test": int(r["n_test"]),
                 **{f"acc_{kind}": (r[f"correct_{kind}"] / r["n_test"] if f"correct_{kind}" in r else None)
                    for kind in KINDS},
+                "lam": r.get("lam"),  # Ditto / local: the device's lam (auto: the grid value it chose most often)
             }
             for r, flag in zip(rows, flags)
         ]

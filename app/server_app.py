@@ -14,9 +14,11 @@ from omegaconf import DictConfig
 from app.attacks import aggregator_f, attackers, threat_model
 from app.config import config_from_overrides
 from app.data import load_federation
+from app.methods import METHODS
 from app.models import build_model, get_weights
 from app.results import RunRecorder
 from strategies import RobustStrategy, build_aggregator
+from strategies.fair import build_reweight
 
 
 class ResultsServer(Server):
@@ -35,7 +37,7 @@ class ResultsServer(Server):
 def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
     """The strategy and server for one run of `cfg`, writing into `out_dir`."""
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
-    model = build_model(cfg.dataset.model, federation.num_features, federation.num_classes, cfg.seed)
+    model = build_model(cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed)
     malicious = attackers(cfg)
     f = aggregator_f(cfg)
     recorder = RunRecorder(cfg, malicious, out_dir)
@@ -50,6 +52,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         num_malicious=f,
         evaluate_metrics_fn=recorder.evaluate,
         threat_model=threat_model(cfg.attack, f),
+        reweight=build_reweight(METHODS[cfg.method.name].server_rule, float(cfg.method.get("q", 0.0)), float(cfg.lr)),
         malicious=malicious,
     )
     return ServerAppComponents(server=ResultsServer(strategy, recorder), config=ServerConfig(num_rounds=cfg.num_rounds))

@@ -7,6 +7,7 @@ Clients send updates (w_k - w^t); the strategy sets w^{t+1} = w^t + aggregate(up
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from strategies.aggregators import Aggregator
+from strategies.fair import Reweight
 
 EvaluateMetricsFn = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
 ThreatModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,6 +68,10 @@ def unflatten(vector: np.ndarray, like: NDArrays) -> NDArrays:
     return out
 
 
+def _is_loss(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 class RobustStrategy(Strategy):
     """Sample `clients_per_round` devices per round, validate their updates, aggregate with `aggregate`.
 
@@ -76,7 +82,9 @@ class RobustStrategy(Strategy):
 
     `threat_model` (simulation only) receives the stacked accepted updates and a mask of the rows sent by devices in
     `malicious`, and returns the stack the aggregator sees: how omniscient attacks, which need the benign updates of
-    the round, are simulated. A round whose accepted updates the rule cannot aggregate keeps w^t (counted).
+    the round, are simulated. `reweight` (fair solvers such as q-FFL) rescales the stack by the losses the devices
+    report as the fit metric `train_loss` before the aggregator; an update without a finite, non-negative loss is then
+    rejected. A round whose accepted updates the rule cannot aggregate keeps w^t (counted).
     """
 
     def __init__(
@@ -92,6 +100,7 @@ class RobustStrategy(Strategy):
         num_malicious: int = 0,
         evaluate_metrics_fn: EvaluateMetricsFn | None = None,
         threat_model: ThreatModel | None = None,
+        reweight: Reweight | None = None,
         malicious: frozenset[int] = frozenset(),
         connect_timeout: float = 300.0,
     ) -> None:
@@ -106,6 +115,7 @@ class RobustStrategy(Strategy):
         self.num_malicious = num_malicious
         self.evaluate_metrics_fn = evaluate_metrics_fn
         self.threat_model = threat_model
+        self.reweight = reweight
         self.malicious = malicious
         self.connect_timeout = connect_timeout
         self.rounds: list[dict[str, Any]] = []
@@ -171,7 +181,7 @@ class RobustStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        rows, weights, senders, rejected = [], [], [], 0
+        rows, weights, senders, losses, rejected = [], [], [], [], 0
         by_device = sorted(((self._partition_of.get(proxy.cid, -1), proxy, res) for proxy, res in results),
                            key=lambda item: item[0])
         for pid, proxy, res in by_device:
@@ -183,6 +193,9 @@ class RobustStrategy(Strategy):
                 reason = check_update(update, self._global)
             if reason is None and res.num_examples <= 0:
                 reason = f"num_examples={res.num_examples}"
+            loss = res.metrics.get("train_loss")
+            if reason is None and self.reweight is not None and not _is_loss(loss):
+                reason = f"train_loss={loss!r} (a finite number >= 0 is needed by the fair solver)"
             if reason is not None:
                 rejected += 1
                 log(WARNING, "round %d: rejected the update of device %s: %s", server_round, pid, reason)
@@ -190,11 +203,14 @@ class RobustStrategy(Strategy):
             rows.append(flatten(update))
             weights.append(res.num_examples)
             senders.append(pid)
+            losses.append(loss)
         skipped = 0
         if rows:
             stacked = torch.from_numpy(np.stack(rows))
             if self.threat_model is not None:  # threat-model simulation: omniscient attackers' slots
                 stacked = self.threat_model(stacked, torch.tensor([p in self.malicious for p in senders]))
+            if self.reweight is not None:
+                stacked = self.reweight(stacked, torch.tensor(losses, dtype=torch.float64))
             try:
                 delta = self.aggregate(stacked, torch.tensor(weights, dtype=torch.float64), self.num_malicious)
             except ValueError as err:  # too few accepted updates for the rule this round

@@ -49,11 +49,11 @@ def test_label_poisoning_touches_only_malicious_devices_training_labels() -> Non
     assert len(bad) == 3
     for k in range(cfg.num_clients):
         client = DittoClient(cfg, k, RecordDict())
-        same = torch.equal(client._train_labels(), federation.devices[k].y_train)
+        same = torch.equal(client.y_train, federation.devices[k].y_train)
         assert same == (k not in bad)
-        assert torch.equal(client.data.y_test, federation.devices[k].y_test)  # test labels stay clean
-    assert torch.equal(DittoClient(cfg, min(bad), RecordDict())._train_labels(),
-                       DittoClient(cfg, min(bad), RecordDict())._train_labels())  # fixed for the run
+        assert torch.equal(client.y_test, federation.devices[k].y_test)  # test labels stay clean
+    assert torch.equal(DittoClient(cfg, min(bad), RecordDict()).y_train,
+                       DittoClient(cfg, min(bad), RecordDict()).y_train)  # fixed for the run
 
 
 def test_gaussian_update_has_the_true_updates_std() -> None:
@@ -82,7 +82,8 @@ def test_gaussian_attack_corrupts_labels_only_when_asked() -> None:
         cfg = compose_config(["num_clients=6", "attack=gaussian_update", f"attack.corrupt_labels={corrupt}"])
         k = min(malicious_devices(cfg.num_clients, cfg.attack.fraction, cfg.seed))
         client = DittoClient(cfg, k, RecordDict())
-        assert torch.equal(client._train_labels(), client.data.y_train) == (not corrupt)
+        clean = load_federation(cfg.dataset, cfg.num_clients, cfg.seed).devices[k].y_train
+        assert torch.equal(client.y_train, clean) == (not corrupt)
 
 
 def test_sign_flip_sends_minus_scale_times_the_update() -> None:

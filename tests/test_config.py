@@ -11,7 +11,7 @@ from hydra.errors import HydraException
 from app.attacks import ATTACKS
 from app.config import CONF_DIR, ConfigError, compose_config
 from app.data import DATASETS
-from app.ditto import METHODS
+from app.methods import METHODS
 from strategies.aggregators import AGGREGATORS
 
 

@@ -40,7 +40,7 @@ def test_dirichlet_is_label_skewed_and_iid_is_not() -> None:
 
 def test_federation_splits_each_device_and_is_seeded() -> None:
     fed = load_federation(_dataset(), 12, seed=3)
-    assert len(fed.devices) == 12 and fed.num_features == 64 and fed.num_classes == 10
+    assert len(fed.devices) == 12 and fed.input_shape == (1, 8, 8) and fed.num_classes == 10
     total = 0
     for d in fed.devices:
         assert len(d.y_test) >= 1 and len(d.y_train) >= 1

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app import ditto
+from app.models import cross_entropy
 
 
 def _linear(weight: list[float]) -> nn.Module:
@@ -18,7 +19,7 @@ def _linear(weight: list[float]) -> nn.Module:
     return model
 
 
-def _mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _mse(model: nn.Module, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.squeeze(-1), y)
 
 
@@ -100,5 +101,5 @@ def test_evaluate_counts_correct_predictions() -> None:
         model.weight.copy_(torch.eye(2))
         model.bias.zero_()
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
-    correct, _ = ditto.evaluate(copy.deepcopy(model), x, torch.tensor([0, 0, 0]), F.cross_entropy)
+    correct, _ = ditto.evaluate(copy.deepcopy(model), x, torch.tensor([0, 0, 0]), cross_entropy)
     assert correct == 2

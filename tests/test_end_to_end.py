@@ -136,3 +136,49 @@ def test_failed_run_is_reported_by_status_not_exit_code(tmp_path: Path, monkeypa
         run_flwr(["num_clients=3", "clients_per_round=9"], tmp_path / "out", flwr_home=tmp_path / "home",
                  timeout=300, echo=False)
     assert superlink_pids(tmp_path / "home") == set()
+
+
+@pytest.mark.slow
+def test_short_ditto_run_on_the_shared_vehicle_file(tmp_path: Path) -> None:
+    from app.data import DataUnavailable, data_file
+
+    try:
+        data_file(compose_config(["dataset=vehicle"]).dataset, "mytrain.json")
+    except DataUnavailable as err:
+        pytest.skip(f"the shared Vehicle file is not on this machine: {err}")
+    proc = _simulate(["dataset=vehicle", "num_rounds=4", "eval_every=2", "attack.fraction=0.48",
+                      f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert len(r["clients"]) == 23 and len(r["malicious_clients"]) == 11  # the official script's 11 of 23
+    assert r["config"]["dataset"]["model"] == "svm"
+    assert 0.5 < r["final"]["personal"]["benign_acc"] <= 1.0  # four rounds of SVM already beat chance
+
+
+@pytest.mark.slow
+def test_every_method_runs_under_attack_and_local_equals_ditto_with_lam_zero(tmp_path: Path) -> None:
+    base = ["num_clients=5", "clients_per_round=5", "num_rounds=3", "eval_every=3", "local_steps=5",
+            "attack=model_replacement"]
+    methods = ["local", "finetune", "qffl", "tilted", "apfl"]
+    proc = _simulate(["-m", *base, f"method={','.join(methods)}", "aggregator=mean,krum",
+                      f"hydra.sweep.dir={tmp_path / 'methods'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _simulate(["-m", *base, "method.lam=0,auto", f"hydra.sweep.dir={tmp_path / 'ditto'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {}
+    for path in (tmp_path / "methods").glob("*/results.json"):
+        r = json.loads(path.read_text())
+        runs[(r["config"]["method"]["name"], r["config"]["aggregator"]["name"])] = r
+    assert len(runs) == 10
+    for (method, _), r in runs.items():
+        has_personal = method not in ("qffl", "tilted")
+        assert (r["final"]["personal"] is not None) == has_personal, method
+        assert 0.0 <= r["final"]["global"]["benign_acc"] <= 1.0
+    lam0, auto = (json.loads((tmp_path / "ditto" / str(i) / "results.json").read_text()) for i in (0, 1))
+    for aggregator in ("mean", "krum"):
+        assert runs[("local", aggregator)]["final"]["personal"] == lam0["final"]["personal"]
+        assert [c["acc_personal"] for c in runs[("local", aggregator)]["clients"]] == \
+            [c["acc_personal"] for c in lam0["clients"]]
+    initial_acc = runs[("local", "mean")]["final"]["global"]
+    assert initial_acc == runs[("local", "krum")]["final"]["global"]  # w never moved under local training
+    assert all(c["lam"] in (0.1, 1.0, 2.0) for c in auto["clients"])
