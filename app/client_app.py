@@ -99,7 +99,8 @@ class DittoClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         server_round = int(config["server_round"])
-        torch.manual_seed(int(self._generator(server_round, 3).initial_seed()))  # dropout: same masks on any worker
+        # dropout draws from the global CPU generator: seed it so masks do not depend on which worker runs the fit
+        torch.random.default_generator.manual_seed(int(self._generator(server_round, 3).initial_seed()))
         global_model = self._build()
         set_weights(global_model, parameters)
         metrics: dict[str, Scalar] = {"partition_id": self.partition_id}

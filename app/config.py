@@ -97,6 +97,17 @@ def validate(cfg: DictConfig) -> None:
     for option, (ok, allowed) in dataset_options.items():
         if option in cfg.dataset:
             _check(cfg, f"dataset.{option}", ok, allowed)
+    if cfg.dataset.name == "gaussian_mean":
+        for option in ("dim", "samples", "test_samples"):
+            _check(cfg, f"dataset.{option}", _int(1), "an integer >= 1")
+        for option in ("sigma", "tau", "tau_a"):
+            _check(cfg, f"dataset.{option}", _real(0), "a number >= 0")
+        _check(cfg, "dataset.num_attackers", _int(0, cfg.num_clients - 1), f"an integer from 0 to num_clients - 1")
+        _check(cfg, "dataset.model", lambda v: v == "mean", "mean (the point estimate)")
+        _check(cfg, "attack.name", lambda v: v == "none",
+               "none (gaussian_mean's attackers are in its data: dataset.num_attackers, dataset.tau_a)")
+    else:
+        _check(cfg, "dataset.model", lambda v: v != "mean", "a classifier (mean is for dataset=gaussian_mean)")
 
     _choice(cfg, "attack.name", ATTACKS, "attack")
     _check(cfg, "attack.fraction", _real(0, 1, hi_open=True), "a number in [0, 1)")

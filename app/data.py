@@ -9,6 +9,7 @@ device's share into train and test. Sources:
   `flwrlabs/femnist`, `flwrlabs/celeba`, partitioned with flwr-datasets' NaturalIdPartitioner.
 - `fashion_mnist`: the paper's partition (each device `classes_per_client` consecutive classes, lognormal sizes).
 - `cifar10`: Dirichlet(alpha) label skew.
+- `gaussian_mean`: point estimation with attackers in the data, for the theory experiment (app/theory.py).
 Hub-backed datasets read `dataset.path` instead of the hub when it is set: a folder written by `save_to_disk`, or a
 folder of raw data files that `datasets.load_dataset` reads (parquet, arrow, csv, imagefolder).
 Partitioners (`dataset.partitioner`): `dirichlet` (label skew, `alpha`), `pathological` (`classes_per_client`
@@ -56,9 +57,10 @@ class Pool:
     """All examples of a federation and the indices each device holds (disjoint)."""
 
     x: np.ndarray  # float32, (N, *input_shape)
-    y: np.ndarray  # int64 class indices, (N,)
-    num_classes: int
+    y: np.ndarray  # int64 class indices (N,); point estimation: float32 targets (N, num_classes)
+    num_classes: int  # point estimation: the dimension of the target
     parts: list[np.ndarray]
+    test_parts: list[np.ndarray] | None = None  # a fixed test split per device (else split here, seeded)
 
 
 # ---------------------------------------------------------------------------------------------------- partitioners
@@ -204,6 +206,21 @@ def _synthetic(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     return Pool(np.concatenate(xs), np.concatenate(ys), c, parts)
 
 
+def _gaussian_mean(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+    """Point estimation (the paper's simplified setting, see app/theory.py): device means theta_k = theta +
+    N(0, tau^2 I), theta ~ N(0, I); the first `num_attackers` devices are attackers whose means are shifted by
+    `tau_a` in every coordinate; `samples` training and `test_samples` test points per device, x ~ N(theta_k,
+    sigma^2 I). The inputs are empty (a constant); the targets are the points."""
+    rng = np.random.default_rng([seed, 0x6A55])
+    d, n, n_test = int(dataset.dim), int(dataset.samples), int(dataset.test_samples)
+    means = rng.normal(0, 1, d) + rng.normal(0, float(dataset.tau), (num_clients, d))
+    means[: int(dataset.num_attackers)] += float(dataset.tau_a)
+    y = (means[:, None, :] + float(dataset.sigma) * rng.standard_normal((num_clients, n + n_test, d)))
+    starts = np.arange(num_clients) * (n + n_test)
+    return Pool(np.zeros((num_clients * (n + n_test), 1), dtype=np.float32), y.reshape(-1, d).astype(np.float32), d,
+                [s + np.arange(n) for s in starts], [s + n + np.arange(n_test) for s in starts])
+
+
 def hf_table(dataset: DictConfig):  # -> datasets.Dataset
     """The dataset as one Hugging Face table, all splits in split-name order: from `dataset.path` when it is set,
     else from the hub (`dataset.hub_id`)."""
@@ -295,6 +312,7 @@ DATASETS: dict[str, Callable[[DictConfig, int, int], Pool]] = {
     "fashion_mnist": _fashion_mnist,
     "cifar10": _cifar10,
     "celeba": _celeba,
+    "gaussian_mean": _gaussian_mean,
 }
 
 
@@ -337,7 +355,10 @@ def _load(dataset_yaml: str, num_clients: int, seed: int) -> Federation:
     stratified = bool(dataset.get("stratified_split", False))
     devices = []
     for k, idx in enumerate(pool.parts):
-        train, test = split_device(idx, float(dataset.test_fraction), seed, k, pool.y[idx] if stratified else None)
+        if pool.test_parts is not None:
+            train, test = idx, pool.test_parts[k]
+        else:
+            train, test = split_device(idx, float(dataset.test_fraction), seed, k, pool.y[idx] if stratified else None)
         devices.append(DeviceData(*(torch.from_numpy(np.ascontiguousarray(a))
                                     for a in (pool.x[train], pool.y[train], pool.x[test], pool.y[test]))))
     return Federation(tuple(devices), tuple(pool.x.shape[1:]), pool.num_classes)

@@ -125,9 +125,10 @@ def local_round(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Objective) -> tuple[int, float]:
-    """(number of correct predictions, mean loss) of `model` on (x, y)."""
+    """(number of correct predictions, mean loss) of `model` on (x, y); real-valued targets (point estimation)
+    have no accuracy: 0 correct."""
     model.eval()
     out = model(x)
     loss = float(loss_fn(model, out, y))
     model.train()
-    return int((predictions(out) == y).sum()), loss
+    return (0 if y.is_floating_point() else int((predictions(out) == y).sum())), loss

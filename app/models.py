@@ -3,7 +3,7 @@ every process builds the same initial weights.
 
 Architectures of the paper (official Ditto code and LEAF): `svm` for Vehicle (linear, hinge loss + l2 * ||W||^2,
 labels +-1 stored as 0/1), `cnn_femnist`, `cnn_fmnist`, `cnn_celeba`; plus `mlp`, `logreg`, `cnn_small` (8x8 digits)
-and `cnn_cifar` (a small CIFAR-10 CNN).
+`cnn_cifar` (a small CIFAR-10 CNN) and `mean` (a point estimate, for the theory experiment).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ def hinge(model: nn.Module, out: torch.Tensor, y: torch.Tensor, l2: float) -> to
     return torch.relu(1.0 - sign * out[:, 0]).mean() + l2 * model.linear.weight.pow(2).sum()
 
 
+def half_mse(model: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Point estimation: 1/2 ||out - y||^2 averaged over the batch (minimised at the sample mean)."""
+    return 0.5 * (out - y).pow(2).sum(dim=1).mean()
+
+
 def predictions(out: torch.Tensor) -> torch.Tensor:
     """Class indices from a model's output: argmax over classes, or the sign of a single score (SVM: s > 0 is 1)."""
     return out.argmax(dim=1) if out.shape[1] > 1 else (out[:, 0] > 0).long()
@@ -50,6 +55,17 @@ class LinearSVM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.flatten(1))
+
+
+class Mean(nn.Module):
+    """A point estimate: one learnable vector, the prediction for every input (the theory experiment's model)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v.expand(x.shape[0], -1)
 
 
 Shape = tuple[int, ...]
@@ -119,10 +135,14 @@ def _cnn_celeba(shape: Shape, num_classes: int) -> nn.Module:
     return _conv_stack(shape, nn.Sequential(*layers), lambda n: [nn.Linear(n, num_classes)])
 
 
+def _mean(shape: Shape, num_outputs: int) -> nn.Module:
+    return Mean(num_outputs)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[[Shape, int], nn.Module]
-    objective: str = "cross_entropy"  # "cross_entropy" | "hinge"
+    build: Callable[[Shape, int], nn.Module]  # (input shape, classes or, for regression, output dimension)
+    objective: str = "cross_entropy"  # "cross_entropy" | "hinge" | "half_mse"
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -134,6 +154,7 @@ MODELS: dict[str, ModelSpec] = {
     "cnn_fmnist": ModelSpec(_cnn_fmnist),
     "cnn_cifar": ModelSpec(_cnn_cifar),
     "cnn_celeba": ModelSpec(_cnn_celeba),
+    "mean": ModelSpec(_mean, "half_mse"),
 }
 
 
@@ -141,6 +162,8 @@ def objective(dataset: DictConfig) -> Objective:
     """The training objective of the dataset's model (the SVM's l2 coefficient is `dataset.l2`)."""
     if MODELS[dataset.model].objective == "hinge":
         return partial(hinge, l2=float(dataset.get("l2", 0.0)))
+    if MODELS[dataset.model].objective == "half_mse":
+        return half_mse
     return cross_entropy
 
 
@@ -148,7 +171,7 @@ def build_model(name: str, input_shape: Shape, num_classes: int, seed: int) -> n
     """The registry model `name` for inputs of `input_shape` (no batch axis), initialised from `seed` without touching
     the global torch RNG."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
         return MODELS[name].build(tuple(input_shape), num_classes)
 
 
