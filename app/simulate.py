@@ -1,18 +1,26 @@
 """Hydra entry point: `python -m app.simulate key=value ...` (add -m for a multirun sweep).
 
 Runs the same ServerApp and ClientApp as `flwr run .` on Flower's Ray-backed simulation engine, one SuperNode per
-device, and writes the results into Hydra's run directory (`hydra.run.dir=...`).
+device, and writes the results into Hydra's run directory (`hydra.run.dir=...`). In a sweep (`-m`, e.g.
+`+experiment=robustness -m`), each job logs "job i/N" and its rounds; a job that fails writes failed.json (the error
+and its overrides) and the sweep goes on: `python -m app.report SWEEP_DIR` lists it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import traceback
+from logging import ERROR, INFO
 from pathlib import Path
 
 import hydra
 from flwr.simulation import run_simulation
+from flwr.common.logger import log
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from app.client_app import make_client_fn
 from app.config import validate
@@ -20,10 +28,17 @@ from app.server_app import make_server_app
 from flwr.client import ClientApp
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> dict:
+def sweep_size(task_overrides: list[str], sweeper_params: dict[str, str]) -> int:
+    """How many jobs a Hydra basic sweep runs: the product of the sizes of its sweep overrides (command line and
+    `hydra.sweeper.params`, where the command line wins)."""
+    merged = {o.split("=", 1)[0]: o for o in (f"{k}={v}" for k, v in sweeper_params.items())}
+    merged.update({o.split("=", 1)[0]: o for o in task_overrides})
+    parsed = OverridesParser.create().parse_overrides(list(merged.values()))
+    return math.prod(len(list(o.sweep_iterator())) if o.is_sweep_override() else 1 for o in parsed)
+
+
+def _simulate(cfg: DictConfig, out_dir: Path) -> dict:
     validate(cfg)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     run_simulation(
         server_app=make_server_app(cfg, out_dir),
         client_app=ClientApp(client_fn=make_client_fn(cfg)),
@@ -34,6 +49,26 @@ def main(cfg: DictConfig) -> dict:
     if not results.exists():  # run_simulation logs a failed ServerApp but does not raise
         raise RuntimeError(f"the simulation ended without writing {results}: see the log above for the error")
     return json.loads(results.read_text())["final"]
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> dict | None:
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    if hc.mode != RunMode.MULTIRUN:
+        return _simulate(cfg, out_dir)
+    multirun = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml")
+    total = sweep_size(list(multirun.hydra.overrides.task), dict(multirun.hydra.sweeper.get("params") or {}))
+    overrides = list(hc.overrides.task)
+    log(INFO, "[sweep] job %d/%d: %s", hc.job.num + 1, total, " ".join(overrides))
+    try:
+        return _simulate(cfg, out_dir)
+    except Exception as err:  # one failed job must not stop the sweep; the collector lists it
+        (out_dir / "failed.json").write_text(json.dumps(
+            {"error": f"{type(err).__name__}: {err}", "overrides": overrides, "traceback": traceback.format_exc()},
+            indent=1))
+        log(ERROR, "[sweep] job %d/%d failed (%s): %s", hc.job.num + 1, total, " ".join(overrides), err)
+        return None
 
 
 if __name__ == "__main__":
