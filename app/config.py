@@ -102,7 +102,7 @@ def validate(cfg: DictConfig) -> None:
             _check(cfg, f"dataset.{option}", _int(1), "an integer >= 1")
         for option in ("sigma", "tau", "tau_a"):
             _check(cfg, f"dataset.{option}", _real(0), "a number >= 0")
-        _check(cfg, "dataset.num_attackers", _int(0, cfg.num_clients - 1), f"an integer from 0 to num_clients - 1")
+        _check(cfg, "dataset.num_attackers", _int(0, cfg.num_clients - 1), "an integer from 0 to num_clients - 1")
         _check(cfg, "dataset.model", lambda v: v == "mean", "mean (the point estimate)")
         _check(cfg, "attack.name", lambda v: v == "none",
                "none (gaussian_mean's attackers are in its data: dataset.num_attackers, dataset.tau_a)")

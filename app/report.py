@@ -135,6 +135,16 @@ def _plt():
     return plt
 
 
+def _finish(fig, axes, path: Path, fontsize: int = 7) -> None:  # axes: iterable of matplotlib Axes
+    """Legends where something is drawn, then save and close."""
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    fig.clf()
+
+
 def _facets(ok: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
     facets = [f for f in FACETS if f in ok]
     return list(ok.groupby(facets)) if facets else [((), ok)]
@@ -175,10 +185,7 @@ def plot_lambda(runs: pd.DataFrame, path: Path) -> None:
         ax.set_xscale("symlog", linthresh=0.05)
         ax.set_xlabel("λ")
         ax.set_ylabel(metric)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _finish(fig, axes, path)
     plt.close(fig)
 
 
@@ -196,10 +203,7 @@ def plot_corruption(runs: pd.DataFrame, path: Path) -> None:
         ax.set_title(attack)
         ax.set_xlabel("fraction of malicious devices")
         ax.set_ylabel("benign accuracy")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _finish(fig, axes[0], path, fontsize=6)
     plt.close(fig)
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flwr.app import RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from torch import nn
 
 from app import ditto
 from app.client_app import LAM_FIXED, LAM_GRID, PERSONAL_KEY, DittoClient
@@ -19,6 +17,7 @@ from app.methods import apfl_round, mix_into
 from app.models import get_weights
 from strategies import RobustStrategy, build_aggregator
 from strategies.fair import qffl, tilted
+from tests.test_ditto import X, _linear, _mse
 from tests.test_strategy import MODEL, FakeDevice
 
 SMALL = ["num_clients=6", "local_steps=4", "attack=none"]
@@ -116,19 +115,6 @@ def test_strategy_qffl_at_q_zero_equals_mean_and_rejects_updates_without_a_loss(
     expected = 20 * 0.3 / (20**2 * 9 + 20 * 0.3)
     for a in params:
         np.testing.assert_allclose(a, expected, rtol=1e-6)
-
-def _linear(w: list[float]) -> nn.Module:
-    model = nn.Linear(len(w), 1, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([w]))
-    return model
-
-
-def _mse(model: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(out.squeeze(-1), y)
-
-
-X = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0], [-1.0, 1.0]])
 
 
 def test_apfl_step_by_hand() -> None:
