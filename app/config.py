@@ -104,8 +104,10 @@ def validate(cfg: DictConfig) -> None:
             _check(cfg, f"dataset.{option}", _real(0), "a number >= 0")
         _check(cfg, "dataset.num_attackers", _int(0, cfg.num_clients - 1), "an integer from 0 to num_clients - 1")
         _check(cfg, "dataset.model", lambda v: v == "mean", "mean (the point estimate)")
-        _check(cfg, "attack.name", lambda v: v == "none",
-               "none (gaussian_mean's attackers are in its data: dataset.num_attackers, dataset.tau_a)")
+        if cfg.attack.name != "none":
+            raise ConfigError(f"config key 'attack' = {cfg.attack.name!r} is not allowed with dataset=gaussian_mean; "
+                              "allowed: none (its attackers are in its data: dataset.num_attackers, dataset.tau_a). "
+                              "Set it as attack=none.")
     else:
         _check(cfg, "dataset.model", lambda v: v != "mean", "a classifier (mean is for dataset=gaussian_mean)")
 

@@ -21,7 +21,8 @@ def test_config_groups_mirror_the_registries(group: str, registry: dict) -> None
     files = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
     assert files == set(registry)
     for name in files:
-        assert compose_config([f"{group}={name}", "aggregator.f=0"])[group].name == name  # bulyan: n >= 4f + 3
+        extra = ["attack=none"] if (group, name) == ("dataset", "gaussian_mean") else []  # attackers in its data
+        assert compose_config([f"{group}={name}", "aggregator.f=0", *extra])[group].name == name  # bulyan: 4f + 3
 
 
 def test_default_experiment_is_digits_a1_half_malicious_ditto_lambda_one() -> None:
@@ -40,7 +41,7 @@ def test_default_experiment_is_digits_a1_half_malicious_ditto_lambda_one() -> No
         ("method.lam=-1", "method.lam", "a number >= 0"),
         ("aggregator.weighted=maybe", "aggregator.weighted", "true or false"),
         ("dataset.partitioner=random", "dataset.partitioner", "dirichlet, iid, pathological"),
-        ("dataset.model=resnet", "dataset.model", "logreg, mlp"),
+        ("dataset.model=resnet", "dataset.model", "cnn_small, logreg, mean, mlp, svm"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(override: str, key: str, allowed: str) -> None:
@@ -84,3 +85,8 @@ def test_config_cli_prints_a_value_or_the_error() -> None:
     bad = subprocess.run([sys.executable, "-m", "app.config", "num_clients", "method=fedfoo"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "fedfoo" in bad.stderr and "ditto" in bad.stderr
+
+
+def test_gaussian_mean_refuses_a_configured_attack() -> None:
+    with pytest.raises(ConfigError, match="Set it as attack=none"):
+        compose_config(["dataset=gaussian_mean"])

@@ -33,6 +33,7 @@ CASES = [
      + _dense(64, 10)),
     # 84 -> 42 -> 21 -> 10 -> 5; batch norm adds 2 x 32 parameters per block
     ("cnn_celeba", (3, 84, 84), 2, _conv(3, 32, 3) + 3 * _conv(32, 32, 3) + 4 * 64 + _dense(32 * 5 * 5, 2)),
+    ("mean", (1,), 5, 5),  # the point estimate: one vector of the target's dimension
 ]
 
 
@@ -46,7 +47,7 @@ def test_shape_parameter_count_and_one_step_lowers_the_loss(name: str, shape: tu
     assert sum(p.numel() for p in model.parameters()) == params
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, *shape, generator=g)
-    y = torch.randint(0, classes, (8,), generator=g)
+    y = torch.randn(8, classes, generator=g) if name == "mean" else torch.randint(0, classes, (8,), generator=g)
     out = model(x)
     assert out.shape == ((8, 1) if name == "svm" else (8, classes))
     assert predictions(out).shape == (8,)
