@@ -154,9 +154,15 @@ def plot_scatter(runs: pd.DataFrame, path: Path) -> None:
     """Benign accuracy (robustness) against the std of per-device accuracy (fairness), one point per model."""
     plt = _plt()
     groups = _facets(runs[runs["status"] == "ok"])
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5 * max(1, len(groups)), 4.5), squeeze=False)
-    for ax, (key, df) in zip(axes[0], groups):
+    cols = min(4, max(1, len(groups)))
+    rows = -(-max(1, len(groups)) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, (key, df) in zip(axes.flat, groups):
         points = df.groupby("label")[["benign_acc", "benign_std_acc"]].mean()
+        # a personalization method's global model is the aggregator's: drawn once where the global run exists
+        points = points[[not (":global (" in name and name.split(":", 1)[1] in points.index) for name in points.index]]
         for name, p in points.iterrows():
             marker = "*" if name.startswith("ditto") else "o"
             ax.scatter(p["benign_std_acc"], p["benign_acc"], marker=marker, s=120 if marker == "*" else 40)
