@@ -1,13 +1,16 @@
 """ClientApp: one device of the federation. `fit` runs the method's local round (Ditto: the global step and the
 personal step on the same mini-batches, w^t fixed as the prox centre) and returns the global update; a personal model
-is kept as stored client state (`context.state`) and never leaves the device. `evaluate` scores the received global
-model and the personal model on the device's own test split. Malicious devices apply the configured attack."""
+is kept as the device's own state (app/persistence.py: Flower's `context.state`, or a folder on the device's disk that
+survives restarts) and never leaves the device. `evaluate` scores the received global model and the personal model
+on the device's own test split. Malicious devices apply the configured attack."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import Context
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import NDArrays, Scalar
 from omegaconf import DictConfig
@@ -18,9 +21,7 @@ from app.config import config_from_overrides
 from app.data import load_federation
 from app.methods import METHODS, apfl_round, mix_into
 from app.models import build_model, get_weights, objective, set_weights
-
-PERSONAL_KEY = "ditto.personal"
-LAM_COUNTS_KEY = "ditto.lam_counts"  # lam auto: how often each grid value was chosen
+from app.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
 
 # lam auto (the paper): the grid and the fixed lam for devices with too little validation data, by attack strength
 LAM_GRID = {True: (0.05, 0.1, 0.2), False: (0.1, 1.0, 2.0)}
@@ -29,12 +30,12 @@ MIN_VALIDATION = 4
 
 
 class DittoClient(NumPyClient):
-    """Device `partition_id`; `state` is the node's persistent RecordDict (Flower's context.state)."""
+    """Device `partition_id`; `store` keeps its personal state between rounds (app/persistence.py)."""
 
-    def __init__(self, cfg: DictConfig, partition_id: int, state: RecordDict) -> None:
+    def __init__(self, cfg: DictConfig, partition_id: int, store: PersonalStore) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
-        self.state = state
+        self.store = store
         federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
         self.num_classes = federation.num_classes
         self.method = METHODS[cfg.method.name]
@@ -70,29 +71,30 @@ class DittoClient(NumPyClient):
         val, train = perm[:n_val], perm[n_val:]
         return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
 
-    def _personal_model(self) -> torch.nn.Module:
+    def _personal_model(self, state: DeviceState | None) -> torch.nn.Module:
         """The stored personal model, or the initial global model if this device never trained."""
         model = self._build()
-        if PERSONAL_KEY in self.state:
-            set_weights(model, self.state[PERSONAL_KEY].to_numpy_ndarrays())
+        if state is not None:
+            set_weights(model, state.personal)
         return model
 
-    def _reported_lam(self) -> float | None:
+    def _reported_lam(self, state: DeviceState | None) -> float | None:
         """The lam this device trains with: fixed, or (auto) the grid value chosen most often so far."""
         if not isinstance(self.lam, ditto.LamSearch):
             return self.lam
-        if LAM_COUNTS_KEY not in self.state:
+        if state is None or state.lam_counts is None:
             return None
-        counts = self.state[LAM_COUNTS_KEY].to_numpy_ndarrays()[0]
-        return self.lam.grid[int(np.argmax(counts))]
+        return self.lam.grid[int(np.argmax(state.lam_counts))]
 
-    def _count_lams(self, chosen: list[float]) -> None:
+    def _lam_counts(self, state: DeviceState | None, chosen: list[float]) -> np.ndarray | None:
+        """lam auto: how often each grid value was chosen, this round's choices included."""
+        if not isinstance(self.lam, ditto.LamSearch):
+            return None
         grid = self.lam.grid
-        counts = (self.state[LAM_COUNTS_KEY].to_numpy_ndarrays()[0] if LAM_COUNTS_KEY in self.state
-                  else np.zeros(len(grid)))
+        counts = state.lam_counts.copy() if state is not None and state.lam_counts is not None else np.zeros(len(grid))
         for lam in chosen:
             counts[grid.index(lam)] += 1
-        self.state[LAM_COUNTS_KEY] = ArrayRecord(numpy_ndarrays=[counts])
+        return counts
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         return {"partition_id": self.partition_id}
@@ -106,18 +108,20 @@ class DittoClient(NumPyClient):
         metrics: dict[str, Scalar] = {"partition_id": self.partition_id}
         if self.method.server_rule is not None:  # F_k(w^t), for the fair solvers' server step
             metrics["train_loss"] = ditto.evaluate(global_model, self.x_train, self.y_train, self.objective)[1]
-        personal = self._personal_model() if self.method.personal is not None else None
+        stored = self.store.load(upto=server_round - 1) if self.method.personal is not None else None
+        personal = self._personal_model(stored) if self.method.personal is not None else None
         steps = dict(steps=self.cfg.local_steps, batch_size=self.cfg.batch_size, lr=float(self.cfg.lr),
                      loss_fn=self.objective, generator=self._generator(server_round, 0))
+        chosen: list[float] = []
         if self.method.personal == "apfl":
             apfl_round(global_model, personal, self.x_train, self.y_train, alpha=float(self.cfg.method.alpha), **steps)
         else:
             chosen = ditto.local_round(global_model, personal, self.x_train, self.y_train, lam=self.lam,
                                        train_global=self.method.trains_global, **steps)
-            if isinstance(self.lam, ditto.LamSearch):
-                self._count_lams(chosen)
         if personal is not None:
-            self.state[PERSONAL_KEY] = ArrayRecord(numpy_ndarrays=get_weights(personal))
+            checkpoint = config.get("checkpoint_round")
+            self.store.save(DeviceState(server_round, get_weights(personal), self._lam_counts(stored, chosen)),
+                            checkpoint_round=None if checkpoint is None else int(checkpoint))
         if self.method.trains_global:
             update = [w - w0 for w, w0 in zip(get_weights(global_model), parameters)]
         else:
@@ -127,9 +131,10 @@ class DittoClient(NumPyClient):
             update = attack_update(self.cfg.attack, update, rng, self.cfg.clients_per_round)
         return update, len(self.y_train), metrics
 
-    def _evaluated_personal(self, global_model: torch.nn.Module, server_round: int) -> torch.nn.Module:
+    def _evaluated_personal(self, global_model: torch.nn.Module, server_round: int,
+                            stored: DeviceState | None) -> torch.nn.Module:
         if self.method.evaluates == "mix":
-            return mix_into(self._build(), self._personal_model(), global_model, float(self.cfg.method.alpha))
+            return mix_into(self._build(), self._personal_model(stored), global_model, float(self.cfg.method.alpha))
         if self.method.evaluates == "finetune":
             tuned = self._build()
             set_weights(tuned, get_weights(global_model))
@@ -137,7 +142,7 @@ class DittoClient(NumPyClient):
                               batch_size=self.cfg.batch_size, lr=float(self.cfg.lr), lam=0.0,
                               loss_fn=self.objective, generator=self._generator(server_round, 4))
             return tuned
-        return self._personal_model()
+        return self._personal_model(stored)
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         model = self._build()
@@ -150,13 +155,17 @@ class DittoClient(NumPyClient):
             "correct_global": correct,
             "loss_global": loss,
         }
+        server_round = int(config.get("server_round", 0))
+        stored = self.store.load(upto=server_round) if self.method.personal is not None else None
         if self.method.evaluates is not None:
-            personal = self._evaluated_personal(model, int(config.get("server_round", 0)))
+            personal = self._evaluated_personal(model, server_round, stored)
             metrics["correct_personal"], metrics["loss_personal"] = ditto.evaluate(
                 personal, self.x_test, self.y_test, self.objective
             )
-        if self.method.personal == "prox" and self._reported_lam() is not None:
-            metrics["lam"] = float(self._reported_lam())
+        if self.method.personal is not None:  # the round its personal model was last trained in (0: never)
+            metrics["personal_round"] = 0 if stored is None else stored.round
+        if self.method.personal == "prox" and self._reported_lam(stored) is not None:
+            metrics["lam"] = float(self._reported_lam(stored))
         return loss, len(self.y_test), metrics
 
 
@@ -172,13 +181,28 @@ def _partition_id(context: Context, cfg: DictConfig) -> int:
     return pid
 
 
-def make_client_fn(cfg: DictConfig | None = None):  # -> Callable[[Context], Client]
-    """client_fn for a fixed config (Hydra entry) or, with None, the config named by the run config (flwr run)."""
+def personal_store(context: Context, cfg: DictConfig, partition_id: int, out_dir: Path | None) -> PersonalStore:
+    """The device's store: Flower's context.state, or (personal_state=disk) its folder under the node's
+    `state-dir` (deployment), else `state_dir`, else the run's output folder."""
+    if cfg.personal_state == "memory":
+        return MemoryStore(context.state)
+    root = str(context.node_config.get("state-dir", "") or cfg.state_dir or "")
+    if not root and out_dir is None:
+        raise RuntimeError("personal_state=disk needs a folder: start the node with --node-config \"... "
+                           "state-dir=DIR\", or set state_dir=DIR, or give the run an output-dir")
+    return DiskStore(Path(root or Path(out_dir) / "personal_state") / f"device-{partition_id}")
+
+
+def make_client_fn(cfg: DictConfig | None = None, out_dir: Path | None = None):  # -> Callable[[Context], Client]
+    """client_fn for a fixed config and output folder (Hydra entry) or, with None, the config and output-dir named
+    by the run config (flwr run)."""
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # one Ray actor per core: no oversubscription
         run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
-        return DittoClient(run_cfg, _partition_id(context, run_cfg), context.state).to_client()
+        run_out = out_dir if cfg is not None else (str(context.run_config.get("output-dir", "")).strip() or None)
+        pid = _partition_id(context, run_cfg)
+        return DittoClient(run_cfg, pid, personal_store(context, run_cfg, pid, run_out)).to_client()
 
     return client_fn
 

@@ -76,6 +76,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "batch_size", _int(1), "an integer >= 1")
     _check(cfg, "lr", _real(0, lo_open=True), "a number > 0")
     _check(cfg, "eval_every", _int(1), "an integer >= 1")
+    _check(cfg, "personal_state", lambda v: v in ("memory", "disk"), "memory or disk")
+    _check(cfg, "state_dir", lambda v: v is None or isinstance(v, str), "null or a folder")
+    _check(cfg, "checkpoint_every", _int(0), "an integer >= 0 (0: no checkpoint)")
+    _check(cfg, "resume", lambda v: isinstance(v, bool), "true or false")
+    _check(cfg, "round_timeout", lambda v: v is None or _real(0, lo_open=True)(v), "null (wait for all) or seconds > 0")
 
     _choice(cfg, "dataset.name", DATASETS, "dataset")
     _choice(cfg, "dataset.model", MODELS)
@@ -158,6 +163,9 @@ def validate(cfg: DictConfig) -> None:
     for option, (ok, allowed) in method_options.items():
         if option in cfg.method:
             _check(cfg, f"method.{option}", ok, allowed)
+    if cfg.resume and cfg.personal_state != "disk" and METHODS[cfg.method.name].personal is not None:
+        raise ConfigError("config key 'resume' = True is not allowed with personal_state='memory': personal models "
+                          "in memory do not outlive the run. Set personal_state=disk (before the run to resume).")
 
 
 def main(argv: Sequence[str]) -> int:

@@ -47,6 +47,7 @@ class RunRecorder:
                 **{f"acc_{kind}": (r[f"correct_{kind}"] / r["n_test"] if f"correct_{kind}" in r else None)
                    for kind in KINDS},
                 "lam": r.get("lam"),  # Ditto / local: the device's lam (auto: the grid value it chose most often)
+                "personal_round": r.get("personal_round"),  # the round its personal model was last trained in
             }
             for r, flag in zip(rows, flags)
         ]

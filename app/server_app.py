@@ -1,37 +1,109 @@
-"""ServerApp: config -> RobustStrategy -> rounds -> results on disk."""
+"""ServerApp: config -> RobustStrategy -> rounds -> results on disk (and, with checkpoint_every, a checkpoint that
+`resume=true` continues from)."""
 
 from __future__ import annotations
 
 import time
+import timeit
+from logging import INFO
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import Context
-from flwr.common import ndarrays_to_parameters
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig, SimpleClientManager
 from flwr.server.history import History
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from app.attacks import aggregator_f, attackers, threat_model
 from app.config import config_from_overrides
 from app.data import load_federation
 from app.methods import METHODS
 from app.models import build_model, get_weights
+from app.persistence import Checkpoint, load_checkpoint, save_checkpoint
 from app.results import RunRecorder
 from strategies import RobustStrategy, build_aggregator
 from strategies.fair import build_reweight
 
 
 class ResultsServer(Server):
-    """Flower's round loop, followed by writing the run's results."""
+    """Flower's round loop (fit, then federated evaluation, each round), checkpointing every `checkpoint_every`
+    rounds and after the last, resuming from the checkpoint in the run's folder when `resume`, and writing the
+    run's results at the end."""
 
-    def __init__(self, strategy: RobustStrategy, recorder: RunRecorder) -> None:
+    def __init__(self, strategy: RobustStrategy, recorder: RunRecorder, cfg: DictConfig) -> None:
         super().__init__(client_manager=SimpleClientManager(), strategy=strategy)
         self.recorder = recorder
+        self.cfg = cfg
+
+    def _checkpoint(self, server_round: int) -> None:
+        previous = getattr(self.strategy.aggregate, "previous", None)
+        save_checkpoint(self.recorder.out_dir, Checkpoint(
+            round=server_round,
+            parameters=parameters_to_ndarrays(self.parameters),
+            meta={"config": OmegaConf.to_container(self.cfg, resolve=True), "rounds": self.strategy.rounds,
+                  "final": self.recorder.final, "clients": self.recorder.clients},
+            aggregator_state=None if previous is None else previous.numpy(),
+        ))
+
+    def _resume(self) -> int:
+        """Restore the checkpoint of the run's folder; returns its round."""
+        ckpt = load_checkpoint(self.recorder.out_dir)
+        check_resumable(ckpt.meta["config"], OmegaConf.to_container(self.cfg, resolve=True))
+        self.parameters = ndarrays_to_parameters(ckpt.parameters)
+        self.strategy.rounds = ckpt.meta["rounds"]
+        self.recorder.final, self.recorder.clients = ckpt.meta["final"], ckpt.meta["clients"]
+        if ckpt.aggregator_state is not None:
+            self.strategy.aggregate.previous = torch.from_numpy(np.array(ckpt.aggregator_state))
+        self.strategy.initialize_parameters(self._client_manager)  # restarts the strategy's clock
+        log(INFO, "resumed from the checkpoint of round %d in %s", ckpt.round, self.recorder.out_dir)
+        return ckpt.round
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
-        history, elapsed = super().fit(num_rounds, timeout)
+        history = History()
+        if self.cfg.resume:
+            first = self._resume() + 1
+        else:
+            self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)
+            first = 1
+        start = timeit.default_timer()
+        every = int(self.cfg.checkpoint_every)
+        for server_round in range(first, num_rounds + 1):
+            res_fit = self.fit_round(server_round=server_round, timeout=timeout)
+            if res_fit is not None:
+                parameters, fit_metrics, _ = res_fit
+                self.parameters = parameters or self.parameters
+                history.add_metrics_distributed_fit(server_round=server_round, metrics=fit_metrics)
+            res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
+            if res_fed is not None and res_fed[0] is not None:
+                history.add_loss_distributed(server_round=server_round, loss=res_fed[0])
+                history.add_metrics_distributed(server_round=server_round, metrics=res_fed[1])
+            if every > 0 and (server_round % every == 0 or server_round == num_rounds):
+                self._checkpoint(server_round)
         self.recorder.write(self.strategy.rounds)
-        return history, elapsed
+        return history, timeit.default_timer() - start
+
+
+RESUME_MAY_CHANGE = ("resume", "num_rounds")
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Raise ValueError naming the keys whose values differ between the checkpoint's config and this one (only
+    `resume` and `num_rounds`, to extend a run, may change)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(current)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
+    if differ:
+        raise ValueError("resume=true with a config that differs from the checkpoint's in: "
+                         + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ)
+                         + ". Resume with the run's own config (only num_rounds may change), or start a new run.")
 
 
 def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
@@ -54,8 +126,10 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         threat_model=threat_model(cfg.attack, f),
         reweight=build_reweight(METHODS[cfg.method.name].server_rule, float(cfg.method.get("q", 0.0)), float(cfg.lr)),
         malicious=malicious,
+        checkpoint_every=cfg.checkpoint_every,
     )
-    return ServerAppComponents(server=ResultsServer(strategy, recorder), config=ServerConfig(num_rounds=cfg.num_rounds))
+    return ServerAppComponents(server=ResultsServer(strategy, recorder, cfg),
+                               config=ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout))
 
 
 def make_server_app(cfg: DictConfig, out_dir: Path) -> ServerApp:

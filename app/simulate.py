@@ -41,7 +41,7 @@ def _simulate(cfg: DictConfig, out_dir: Path) -> dict:
     validate(cfg)
     run_simulation(
         server_app=make_server_app(cfg, out_dir),
-        client_app=ClientApp(client_fn=make_client_fn(cfg)),
+        client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
         num_supernodes=cfg.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

@@ -46,6 +46,7 @@ from flwr.app import RecordDict
 from app.client_app import DittoClient
 from app.config import compose_config
 from app.models import get_weights
+from app.persistence import MemoryStore
 from strategies.aggregators import build_aggregator
 from strategies.robust import flatten, unflatten
 
@@ -101,7 +102,7 @@ def simulate(s: Setting, lam: float, seed: int, rounds: int = 10, steps: int = 1
     """Ditto on setting `s` through DittoClient: mean benign test loss of the personal and the global models, and
     the variance of the personal test loss over benign devices."""
     cfg = config(s, lam, seed, rounds, steps)
-    clients = [DittoClient(cfg, k, RecordDict()) for k in range(s.K)]
+    clients = [DittoClient(cfg, k, MemoryStore(RecordDict())) for k in range(s.K)]
     aggregate = build_aggregator(cfg.aggregator)
     weights = torch.ones(s.K, dtype=torch.float64)
     w = get_weights(clients[0]._build())

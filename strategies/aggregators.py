@@ -228,19 +228,22 @@ def check_aggregator(options: Mapping[str, Any], clients_per_round: int, num_mal
         _needs(options["name"], clients_per_round, num_malicious)
 
 
+class WithPrevious:
+    """A stateful rule, given the previous round's aggregate as its centre; `previous` is checkpointed with the run."""
+
+    def __init__(self, rule: Callable[..., torch.Tensor]) -> None:
+        self.rule = rule
+        self.previous: torch.Tensor | None = None
+
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor, num_malicious: int) -> torch.Tensor:
+        self.previous = self.rule(updates, weights, num_malicious, center=self.previous)
+        return self.previous
+
+
 def build_aggregator(options: Mapping[str, Any]) -> Aggregator:
     """The registry rule named by `options["name"]` with its other options bound (`f` is the strategy's, not the
     rule's); a stateful rule is given the previous aggregate as its centre."""
     name = options["name"]
     params = {k: v for k, v in options.items() if k not in ("name", "f")}
     rule = partial(AGGREGATORS[name], **params)
-    if name not in STATEFUL:
-        return rule
-    previous: list[torch.Tensor] = []
-
-    def with_previous(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int) -> torch.Tensor:
-        out = rule(updates, weights, num_malicious, center=previous[0] if previous else None)
-        previous[:] = [out]
-        return out
-
-    return with_previous
+    return WithPrevious(rule) if name in STATEFUL else rule

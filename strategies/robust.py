@@ -84,7 +84,9 @@ class RobustStrategy(Strategy):
     `malicious`, and returns the stack the aggregator sees: how omniscient attacks, which need the benign updates of
     the round, are simulated. `reweight` (fair solvers such as q-FFL) rescales the stack by the losses the devices
     report as the fit metric `train_loss` before the aggregator; an update without a finite, non-negative loss is then
-    rejected. A round whose accepted updates the rule cannot aggregate keeps w^t (counted).
+    rejected. A round whose accepted updates the rule cannot aggregate keeps w^t (counted). With `checkpoint_every`
+    > 0, each fit instruction carries the round of the server's last checkpoint (`checkpoint_round`), so devices know
+    which versions of their state a resumed run may still need.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class RobustStrategy(Strategy):
         reweight: Reweight | None = None,
         malicious: frozenset[int] = frozenset(),
         connect_timeout: float = 300.0,
+        checkpoint_every: int = 0,
     ) -> None:
         super().__init__()
         self.initial_parameters = initial_parameters
@@ -118,6 +121,7 @@ class RobustStrategy(Strategy):
         self.reweight = reweight
         self.malicious = malicious
         self.connect_timeout = connect_timeout
+        self.checkpoint_every = checkpoint_every
         self.rounds: list[dict[str, Any]] = []
         self._partition_of: dict[str, int] = {}
         self._global: NDArrays = []
@@ -172,7 +176,10 @@ class RobustStrategy(Strategy):
         devices = self._devices(client_manager)
         rng = np.random.default_rng([self.seed, server_round])
         chosen = sorted(rng.choice(self.num_clients, size=self.clients_per_round, replace=False).tolist())
-        ins = FitIns(parameters, {"server_round": server_round})
+        config: dict[str, Scalar] = {"server_round": server_round}
+        if self.checkpoint_every > 0:
+            config["checkpoint_round"] = (server_round - 1) // self.checkpoint_every * self.checkpoint_every
+        ins = FitIns(parameters, config)
         return [(devices[pid], ins) for pid in chosen if pid in devices]
 
     def aggregate_fit(

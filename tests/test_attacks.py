@@ -23,6 +23,7 @@ from app.attacks import (
 from app.client_app import DittoClient
 from app.config import compose_config
 from app.data import load_federation
+from app.persistence import MemoryStore
 
 
 def test_malicious_devices_are_a_seeded_floor_fraction() -> None:
@@ -48,12 +49,12 @@ def test_label_poisoning_touches_only_malicious_devices_training_labels() -> Non
     bad = malicious_devices(cfg.num_clients, cfg.attack.fraction, cfg.seed)
     assert len(bad) == 3
     for k in range(cfg.num_clients):
-        client = DittoClient(cfg, k, RecordDict())
+        client = DittoClient(cfg, k, MemoryStore(RecordDict()))
         same = torch.equal(client.y_train, federation.devices[k].y_train)
         assert same == (k not in bad)
         assert torch.equal(client.y_test, federation.devices[k].y_test)  # test labels stay clean
-    assert torch.equal(DittoClient(cfg, min(bad), RecordDict()).y_train,
-                       DittoClient(cfg, min(bad), RecordDict()).y_train)  # fixed for the run
+    assert torch.equal(DittoClient(cfg, min(bad), MemoryStore(RecordDict())).y_train,
+                       DittoClient(cfg, min(bad), MemoryStore(RecordDict())).y_train)  # fixed for the run
 
 
 def test_gaussian_update_has_the_true_updates_std() -> None:
@@ -81,7 +82,7 @@ def test_gaussian_attack_corrupts_labels_only_when_asked() -> None:
     for corrupt in (False, True):
         cfg = compose_config(["num_clients=6", "attack=gaussian_update", f"attack.corrupt_labels={corrupt}"])
         k = min(malicious_devices(cfg.num_clients, cfg.attack.fraction, cfg.seed))
-        client = DittoClient(cfg, k, RecordDict())
+        client = DittoClient(cfg, k, MemoryStore(RecordDict()))
         clean = load_federation(cfg.dataset, cfg.num_clients, cfg.seed).devices[k].y_train
         assert torch.equal(client.y_train, clean) == (not corrupt)
 

@@ -11,10 +11,11 @@ from flwr.app import RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from app import ditto
-from app.client_app import LAM_FIXED, LAM_GRID, PERSONAL_KEY, DittoClient
+from app.client_app import LAM_FIXED, LAM_GRID, DittoClient
 from app.config import compose_config
 from app.methods import apfl_round, mix_into
 from app.models import get_weights
+from app.persistence import MemoryStore
 from strategies import RobustStrategy, build_aggregator
 from strategies.fair import qffl, tilted
 from tests.test_ditto import X, _linear, _mse
@@ -28,28 +29,28 @@ def _fit(client: DittoClient, params: list[np.ndarray], rounds: range) -> list[l
 
 
 def test_local_sends_zero_updates_and_matches_ditto_with_lam_zero() -> None:
-    local = DittoClient(compose_config([*SMALL, "method=local"]), 2, RecordDict())
-    ditto0 = DittoClient(compose_config([*SMALL, "method=ditto", "method.lam=0"]), 2, RecordDict())
+    local = DittoClient(compose_config([*SMALL, "method=local"]), 2, MemoryStore(RecordDict()))
+    ditto0 = DittoClient(compose_config([*SMALL, "method=ditto", "method.lam=0"]), 2, MemoryStore(RecordDict()))
     params = get_weights(local._build())
     for update in _fit(local, params, range(1, 4)):
         assert all(not np.any(u) for u in update), "local training must not move the global model"
     _fit(ditto0, params, range(1, 4))
-    ours = local.state[PERSONAL_KEY].to_numpy_ndarrays()
-    theirs = ditto0.state[PERSONAL_KEY].to_numpy_ndarrays()
+    ours = local.store.load(upto=3).personal
+    theirs = ditto0.store.load(upto=3).personal
     assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
     assert any(not np.array_equal(a, b) for a, b in zip(ours, params)), "the personal model did train"
 
 
 def test_finetune_scores_the_fine_tuned_global_model() -> None:
     cfg = compose_config([*SMALL, "method=finetune"])
-    client = DittoClient(cfg, 1, RecordDict())
+    client = DittoClient(cfg, 1, MemoryStore(RecordDict()))
     params = get_weights(client._build())
     _, _, metrics = client.evaluate(params, {"server_round": 5})
     assert metrics["loss_personal"] < metrics["loss_global"], "40 steps on its own data lower the device's loss"
-    untuned = DittoClient(compose_config([*SMALL, "method=finetune", "method.steps=0"]), 1, RecordDict())
+    untuned = DittoClient(compose_config([*SMALL, "method=finetune", "method.steps=0"]), 1, MemoryStore(RecordDict()))
     _, _, same = untuned.evaluate(params, {"server_round": 5})
     assert same["correct_personal"] == same["correct_global"] and same["loss_personal"] == same["loss_global"]
-    assert PERSONAL_KEY not in client.state, "the fine-tuned copy is not kept"
+    assert client.store.load(upto=5) is None, "the fine-tuned copy is not kept"
 
 
 U = torch.tensor([[1.0, 2.0], [-3.0, 0.5], [0.0, 4.0]])
@@ -154,22 +155,22 @@ def test_auto_lam_picks_the_grid_value_with_the_lowest_validation_loss(val_targe
 
 def test_auto_lam_on_a_device_reports_its_choice_and_small_devices_keep_the_fixed_lam() -> None:
     cfg = compose_config(["num_clients=6", "local_steps=3", "method.lam=auto", "attack=none"])
-    client = DittoClient(cfg, 0, RecordDict())
+    client = DittoClient(cfg, 0, MemoryStore(RecordDict()))
     assert isinstance(client.lam, ditto.LamSearch) and client.lam.grid == LAM_GRID[False]
     n_val = len(client.lam.y_val)
-    full = DittoClient(compose_config(["num_clients=6", "attack=none"]), 0, RecordDict())
+    full = DittoClient(compose_config(["num_clients=6", "attack=none"]), 0, MemoryStore(RecordDict()))
     assert len(client.y_train) + n_val == len(full.y_train) and n_val >= 4
     params = get_weights(client._build())
     client.fit(params, {"server_round": 1})
     _, _, metrics = client.evaluate(params, {"server_round": 1})
     assert metrics["lam"] in LAM_GRID[False]
     strong = DittoClient(compose_config(["num_clients=6", "method.lam=auto", "method.strong_attack=true",
-                                         "method.val_fraction=0.01", "attack=none"]), 0, RecordDict())
+                                         "method.val_fraction=0.01", "attack=none"]), 0, MemoryStore(RecordDict()))
     assert strong.lam == LAM_FIXED[True], "fewer than 4 validation samples: the fixed lam of a strong attack"
 
 
 def test_fair_methods_report_the_loss_of_the_received_model() -> None:
-    client = DittoClient(compose_config([*SMALL, "method=qffl"]), 3, RecordDict())
+    client = DittoClient(compose_config([*SMALL, "method=qffl"]), 3, MemoryStore(RecordDict()))
     params = get_weights(client._build())
     _, n, metrics = client.fit(params, {"server_round": 1})
     expected = ditto.evaluate(client._build(), client.x_train, client.y_train, client.objective)[1]
