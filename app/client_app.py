@@ -120,7 +120,8 @@ class DittoClient(NumPyClient):
                                        train_global=self.method.trains_global, **steps)
         if personal is not None:
             checkpoint = config.get("checkpoint_round")
-            self.store.save(DeviceState(server_round, get_weights(personal), self._lam_counts(stored, chosen)),
+            lineage = (*(stored.trained_rounds if stored is not None else ()), server_round)
+            self.store.save(DeviceState(server_round, get_weights(personal), self._lam_counts(stored, chosen), lineage),
                             checkpoint_round=None if checkpoint is None else int(checkpoint))
         if self.method.trains_global:
             update = [w - w0 for w, w0 in zip(get_weights(global_model), parameters)]
@@ -162,8 +163,9 @@ class DittoClient(NumPyClient):
             metrics["correct_personal"], metrics["loss_personal"] = ditto.evaluate(
                 personal, self.x_test, self.y_test, self.objective
             )
-        if self.method.personal is not None:  # the round its personal model was last trained in (0: never)
+        if self.method.personal is not None:  # the round its personal model last trained in (0: never), how often
             metrics["personal_round"] = 0 if stored is None else stored.round
+            metrics["personal_updates"] = 0 if stored is None else len(stored.trained_rounds)
         if self.method.personal == "prox" and self._reported_lam(stored) is not None:
             metrics["lam"] = float(self._reported_lam(stored))
         return loss, len(self.y_test), metrics

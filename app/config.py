@@ -80,6 +80,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "state_dir", lambda v: v is None or isinstance(v, str), "null or a folder")
     _check(cfg, "checkpoint_every", _int(0), "an integer >= 0 (0: no checkpoint)")
     _check(cfg, "resume", lambda v: isinstance(v, bool), "true or false")
+    _check(cfg, "max_update_norm", lambda v: v is None or _real(0, lo_open=True)(v), "null (no bound) or a number > 0")
     _check(cfg, "round_timeout", lambda v: v is None or _real(0, lo_open=True)(v), "null (wait for all) or seconds > 0")
 
     _choice(cfg, "dataset.name", DATASETS, "dataset")

@@ -75,9 +75,10 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
 
-def run_status(run_id: str, env: dict[str, str]) -> tuple[str, str]:
+def run_status(run_id: str, env: dict[str, str], connection: str | None = None) -> tuple[str, str]:
     """(status, status-details) of a run, from `flwr list --format json`."""
-    out = subprocess.run(["flwr", "list", "--run-id", run_id, "--format", "json"], env=env, cwd=PROJECT_DIR,
+    where = [] if connection is None else [connection]
+    out = subprocess.run(["flwr", "list", *where, "--run-id", run_id, "--format", "json"], env=env, cwd=PROJECT_DIR,
                          capture_output=True, text=True, timeout=120)
     try:
         run = json.loads(out.stdout)["runs"][0]
@@ -87,15 +88,20 @@ def run_status(run_id: str, env: dict[str, str]) -> tuple[str, str]:
 
 
 def run_flwr(overrides: Sequence[str], output_dir: Path, *, flwr_home: Path | None = None,
-             timeout: float | None = None, echo: bool = True) -> Path:
-    """Run the app with `flwr run .` and return the path of the results.json it wrote; raise RunFailed otherwise."""
+             timeout: float | None = None, echo: bool = True, connection: str | None = None) -> Path:
+    """Run the app with `flwr run .` and return the path of the results.json it wrote; raise RunFailed otherwise.
+    Without `connection`, on a local simulation sized from the config; with it, on the SuperLink that the
+    connection of that name in `flwr_home`/config.toml points at (a deployment)."""
     cfg = compose_config(overrides)  # a bad key or value stops here, before anything starts
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr").resolve()
     output_dir = output_dir.resolve()
     env = flower_env(flwr_home)
     run_config = f"overrides={json.dumps(' '.join(overrides))} output-dir={json.dumps(str(output_dir))}"
-    cmd = ["flwr", "run", ".", "--stream", "-c", run_config,
-           "--federation-config", f"num-supernodes={cfg.num_clients} client-resources-num-cpus=1"]
+    if connection is None:
+        cmd = ["flwr", "run", ".", "--stream", "-c", run_config,
+               "--federation-config", f"num-supernodes={cfg.num_clients} client-resources-num-cpus=1"]
+    else:
+        cmd = ["flwr", "run", ".", connection, "--stream", "-c", run_config]
     before = superlink_pids(flwr_home)
     run_id = None
     try:
@@ -112,7 +118,7 @@ def run_flwr(overrides: Sequence[str], output_dir: Path, *, flwr_home: Path | No
                     raise RunFailed(f"flwr run did not finish within {timeout:.0f} s")
         if run_id is None:
             raise RunFailed(f"flwr run did not start a run (exit code {proc.returncode})")
-        status, details = run_status(run_id, env)
+        status, details = run_status(run_id, env, connection)
         if status != "finished:completed":
             raise RunFailed(f"run {run_id} ended with status {status}: {details}")
     finally:

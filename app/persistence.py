@@ -34,11 +34,13 @@ _VERSION = re.compile(r"^round-(\d+)\.npz$")
 
 @dataclass
 class DeviceState:
-    """A device's personal model, the round it was last updated in, and (lam auto) its lam choice counts."""
+    """A device's personal model, the round it was last updated in, (lam auto) its lam choice counts, and every
+    round it trained in (its lineage: a device that restarted and continued shows its rounds before the restart)."""
 
     round: int
     personal: list[np.ndarray]
     lam_counts: np.ndarray | None = None
+    trained_rounds: tuple[int, ...] = ()
 
 
 class PersonalStore(Protocol):
@@ -59,11 +61,13 @@ class MemoryStore:
         if PERSONAL_KEY not in self.record:
             return None
         counts = self.record[LAM_COUNTS_KEY].to_numpy_ndarrays()[0] if LAM_COUNTS_KEY in self.record else None
-        return DeviceState(int(self.record[META_KEY]["round"]), self.record[PERSONAL_KEY].to_numpy_ndarrays(), counts)
+        meta = self.record[META_KEY]
+        return DeviceState(int(meta["round"]), self.record[PERSONAL_KEY].to_numpy_ndarrays(), counts,
+                           tuple(int(r) for r in meta["trained_rounds"]))
 
     def save(self, state: DeviceState, checkpoint_round: int | None = None) -> None:
         self.record[PERSONAL_KEY] = ArrayRecord(numpy_ndarrays=state.personal)
-        self.record[META_KEY] = ConfigRecord({"round": state.round})
+        self.record[META_KEY] = ConfigRecord({"round": state.round, "trained_rounds": list(state.trained_rounds)})
         if state.lam_counts is not None:
             self.record[LAM_COUNTS_KEY] = ArrayRecord(numpy_ndarrays=[state.lam_counts])
         elif LAM_COUNTS_KEY in self.record:
@@ -104,11 +108,13 @@ class DiskStore:
         with np.load(self._path(usable[-1])) as data:
             personal = [data[f"p{i}"] for i in range(int(data["num_arrays"]))]
             counts = data["lam_counts"] if "lam_counts" in data else None
-        return DeviceState(usable[-1], personal, counts)
+            trained = tuple(int(r) for r in data["trained_rounds"])
+        return DeviceState(usable[-1], personal, counts, trained)
 
     def save(self, state: DeviceState, checkpoint_round: int | None = None) -> None:
         arrays = {f"p{i}": a for i, a in enumerate(state.personal)}
         arrays["num_arrays"] = np.array(len(state.personal))
+        arrays["trained_rounds"] = np.array(state.trained_rounds, dtype=np.int64)
         if state.lam_counts is not None:
             arrays["lam_counts"] = state.lam_counts
         atomic_savez(self._path(state.round), arrays)

@@ -47,7 +47,8 @@ class RunRecorder:
                 **{f"acc_{kind}": (r[f"correct_{kind}"] / r["n_test"] if f"correct_{kind}" in r else None)
                    for kind in KINDS},
                 "lam": r.get("lam"),  # Ditto / local: the device's lam (auto: the grid value it chose most often)
-                "personal_round": r.get("personal_round"),  # the round its personal model was last trained in
+                "personal_round": r.get("personal_round"),  # the round its personal model last trained in
+                "personal_updates": r.get("personal_updates"),  # how many rounds it trained, restarts included
             }
             for r, flag in zip(rows, flags)
         ]

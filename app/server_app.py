@@ -127,6 +127,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         reweight=build_reweight(METHODS[cfg.method.name].server_rule, float(cfg.method.get("q", 0.0)), float(cfg.lr)),
         malicious=malicious,
         checkpoint_every=cfg.checkpoint_every,
+        max_update_norm=None if cfg.max_update_norm is None else float(cfg.max_update_norm),
     )
     return ServerAppComponents(server=ResultsServer(strategy, recorder, cfg),
                                config=ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout))

@@ -40,8 +40,9 @@ EvaluateMetricsFn = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
 ThreatModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def check_update(update: NDArrays, reference: NDArrays) -> str | None:
-    """Why `update` cannot be aggregated against the model `reference` (None when it can)."""
+def check_update(update: NDArrays, reference: NDArrays, max_norm: float | None = None) -> str | None:
+    """Why `update` cannot be aggregated against the model `reference` (None when it can); with `max_norm`, an
+    update whose Euclidean norm exceeds it is absurd (no SGD round moves a model that far) and refused too."""
     if len(update) != len(reference):
         return f"{len(update)} arrays, expected {len(reference)}"
     for i, (u, r) in enumerate(zip(update, reference)):
@@ -51,6 +52,10 @@ def check_update(update: NDArrays, reference: NDArrays) -> str | None:
             return f"array {i} has dtype {u.dtype}, expected {r.dtype}"
         if not np.isfinite(u).all():
             return f"array {i} holds NaN or Inf"
+    if max_norm is not None:
+        norm = math.sqrt(sum(float(np.dot(u.ravel().astype(np.float64), u.ravel().astype(np.float64))) for u in update))
+        if norm > max_norm:
+            return f"norm {norm:.3g} exceeds max_update_norm={max_norm:g}"
     return None
 
 
@@ -84,7 +89,7 @@ class RobustStrategy(Strategy):
     `malicious`, and returns the stack the aggregator sees: how omniscient attacks, which need the benign updates of
     the round, are simulated. `reweight` (fair solvers such as q-FFL) rescales the stack by the losses the devices
     report as the fit metric `train_loss` before the aggregator; an update without a finite, non-negative loss is then
-    rejected. A round whose accepted updates the rule cannot aggregate keeps w^t (counted). With `checkpoint_every`
+    rejected, and so is an update whose norm exceeds `max_update_norm`. A round whose accepted updates the rule cannot aggregate keeps w^t (counted). With `checkpoint_every`
     > 0, each fit instruction carries the round of the server's last checkpoint (`checkpoint_round`), so devices know
     which versions of their state a resumed run may still need.
     """
@@ -106,6 +111,7 @@ class RobustStrategy(Strategy):
         malicious: frozenset[int] = frozenset(),
         connect_timeout: float = 300.0,
         checkpoint_every: int = 0,
+        max_update_norm: float | None = None,
     ) -> None:
         super().__init__()
         self.initial_parameters = initial_parameters
@@ -122,6 +128,7 @@ class RobustStrategy(Strategy):
         self.malicious = malicious
         self.connect_timeout = connect_timeout
         self.checkpoint_every = checkpoint_every
+        self.max_update_norm = max_update_norm
         self.rounds: list[dict[str, Any]] = []
         self._partition_of: dict[str, int] = {}
         self._global: NDArrays = []
@@ -132,9 +139,13 @@ class RobustStrategy(Strategy):
 
     # -- device identities -------------------------------------------------------------------------------------
     def _devices(self, client_manager: ClientManager) -> dict[int, ClientProxy]:
-        """Connected devices by partition id; asks new nodes for their partition id once."""
+        """Connected devices by partition id; asks new nodes for their partition id once.
+
+        Before the first round every device must connect (within `connect_timeout`). Later rounds go on with the
+        devices that are connected: a dead node's sampled slot is lost for that round, and a restarted device (a
+        new node reporting the partition id of an earlier one) takes its place."""
         client_manager.num_available()  # lets Flower register nodes that joined since the last call
-        if not client_manager.wait_for(self.num_clients, timeout=int(self.connect_timeout)):
+        if not self._partition_of and not client_manager.wait_for(self.num_clients, timeout=int(self.connect_timeout)):
             raise RuntimeError(
                 f"only {client_manager.num_available()} of num_clients={self.num_clients} devices connected within "
                 f"{self.connect_timeout:.0f} s: start one node per device (simulation: num-supernodes=num_clients)"
@@ -143,18 +154,23 @@ class RobustStrategy(Strategy):
         new = [p for cid, p in proxies.items() if cid not in self._partition_of]
         if new:
             with ThreadPoolExecutor(max_workers=min(32, len(new))) as pool:
-                answers = list(pool.map(lambda p: p.get_properties(GetPropertiesIns({}), None, 0), new))
-            for proxy, res in zip(new, answers):
-                pid = int(res.properties["partition_id"])
+                answers = list(pool.map(lambda p: p.get_properties(GetPropertiesIns({}), self.connect_timeout, 0), new))
+            reported = [int(res.properties["partition_id"]) for res in answers]
+            if len(set(reported)) < len(reported):
+                raise RuntimeError("two nodes report the same partition-id: give every node its own partition-id")
+            for proxy, pid in zip(new, reported):
                 if not 0 <= pid < self.num_clients:
                     raise RuntimeError(
                         f"node {proxy.cid} reports partition-id={pid}, outside 0..{self.num_clients - 1}: "
                         "set each node's partition-id below num_clients"
                     )
+                if pid in self._partition_of.values():
+                    log(WARNING, "device %d rejoined as node %s: it replaces the node it ran on before", pid, proxy.cid)
                 self._partition_of[proxy.cid] = pid
-        devices = {self._partition_of[cid]: p for cid, p in proxies.items()}
-        if len(devices) < len(proxies):
-            raise RuntimeError("two nodes report the same partition-id: give every node its own partition-id")
+        devices = {pid: proxies[cid] for cid, pid in self._partition_of.items() if cid in proxies}  # newest wins
+        if len(devices) < self.num_clients:
+            log(WARNING, "%d of %d devices connected; missing: %s", len(devices), self.num_clients,
+                sorted(set(range(self.num_clients)) - set(devices)))
         return devices
 
     def _log_round(self, server_round: int, **fields: Any) -> dict[str, Any]:
@@ -197,7 +213,7 @@ class RobustStrategy(Strategy):
             except Exception as err:  # undecodable bytes are a malformed update like any other
                 update, reason = None, f"undecodable parameters ({err})"
             else:
-                reason = check_update(update, self._global)
+                reason = check_update(update, self._global, self.max_update_norm)
             if reason is None and res.num_examples <= 0:
                 reason = f"num_examples={res.num_examples}"
             loss = res.metrics.get("train_loss")

@@ -32,7 +32,7 @@ A = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
 
 
 def _state(round_: int) -> DeviceState:
-    return DeviceState(round_, [a + round_ for a in A], np.array([round_, 0.0]))
+    return DeviceState(round_, [a + round_ for a in A], np.array([round_, 0.0]), (1, round_))
 
 
 @pytest.mark.parametrize("store", ["memory", "disk"])
@@ -43,6 +43,7 @@ def test_a_store_returns_what_was_saved(store: str, tmp_path: Path) -> None:
     got = s.load(upto=10)
     assert got.round == 3 and all(np.array_equal(a, b) for a, b in zip(got.personal, _state(3).personal))
     assert got.personal[0].dtype == np.float32 and np.array_equal(got.lam_counts, [3.0, 0.0])
+    assert got.trained_rounds == (1, 3)
     s.save(DeviceState(5, A))
     assert s.load(upto=10).round == 5 and s.load(upto=10).lam_counts is None
 
@@ -78,13 +79,14 @@ def test_a_restarted_device_continues_from_its_saved_personal_model(tmp_path: Pa
     # a fresh process (a restarted SuperNode) reading the same folder
     again = DittoClient(cfg, 2, DiskStore(tmp_path / "device-2"))
     _, _, metrics = again.evaluate(params, {"server_round": 4})
-    assert metrics["personal_round"] == 4
+    assert metrics["personal_round"] == 4 and metrics["personal_updates"] == 2
     again.fit(params, {"server_round": 6})
     # the same sequence in memory, uninterrupted, gives the same personal model
     mem = DittoClient(cfg, 2, MemoryStore(RecordDict()))
     for r in (1, 4, 6):
         mem.fit(params, {"server_round": r})
     assert all(np.array_equal(a, b) for a, b in zip(again.store.load(upto=6).personal, mem.store.load(upto=6).personal))
+    assert again.store.load(upto=6).trained_rounds == (1, 4, 6)
     fresh = DittoClient(cfg, 2, DiskStore(tmp_path / "elsewhere"))
     assert fresh.evaluate(params, {"server_round": 6})[2]["personal_round"] == 0, "a new device starts from w^0"
 

@@ -83,6 +83,22 @@ def test_duplicate_partition_ids_are_refused_with_a_clear_error() -> None:
         strategy.configure_fit(1, ndarrays_to_parameters(MODEL), _manager([FakeDevice("a", 0), FakeDevice("b", 0)]))
 
 
+def test_a_restarted_device_replaces_its_old_node_and_rounds_go_on_without_a_dead_one() -> None:
+    strategy = _strategy(3, 3)
+    old = [FakeDevice("a", 0), FakeDevice("b", 1), FakeDevice("c", 2)]
+    manager = _manager(old)
+    assert len(strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)) == 3
+    manager.unregister(old[1])  # node b died: round 2 goes on with the two others, without waiting
+    chosen = strategy.configure_fit(2, ndarrays_to_parameters(MODEL), manager)
+    assert sorted(p.cid for p, _ in chosen) == ["a", "c"]
+    restarted = FakeDevice("b2", 1)
+    manager.register(restarted)
+    chosen = strategy.configure_fit(3, ndarrays_to_parameters(MODEL), manager)
+    assert sorted(p.cid for p, _ in chosen) == ["a", "b2", "c"]
+    manager.register(old[1])  # the old node still listed beside the new one: the newest node is device 1
+    assert strategy._devices(manager)[1] is restarted
+
+
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
@@ -96,6 +112,29 @@ def test_duplicate_partition_ids_are_refused_with_a_clear_error() -> None:
 def test_check_update_names_the_problem(bad: list[np.ndarray], reason: str) -> None:
     assert reason in check_update(bad, MODEL)
     assert check_update([a.copy() for a in MODEL], MODEL) is None
+
+
+def test_an_absurd_norm_is_refused_only_above_the_bound() -> None:
+    big = [np.full((2, 3), 1e20, dtype=np.float32), np.zeros(3, dtype=np.float32)]  # its square overflows float32
+    assert "exceeds max_update_norm=1e+06" in check_update(big, MODEL, max_norm=1e6)
+    assert check_update(big, MODEL) is None
+    unit = [np.full((2, 3), 1 / 6**0.5, dtype=np.float32), np.zeros(3, dtype=np.float32)]  # norm 1
+    assert check_update(unit, MODEL, max_norm=1.001) is None and "norm" in check_update(unit, MODEL, max_norm=0.99)
+
+
+class RaisingDevice(FakeDevice):
+    def fit(self, ins, timeout, group_id):
+        raise RuntimeError("the device's training crashed")
+
+
+def test_a_client_that_raises_is_counted_as_failed_and_the_round_completes() -> None:
+    devices = [FakeDevice("a", 0), RaisingDevice("b", 1), FakeDevice("c", 2)]
+    strategy = _strategy(3, 3)
+    server = Server(client_manager=_manager(devices), strategy=strategy)
+    server.fit(num_rounds=2, timeout=None)
+    assert [(r["accepted_updates"], r["failed_clients"]) for r in strategy.rounds] == [(2, 1), (2, 1)]
+    for a in parameters_to_ndarrays(server.parameters):  # two rounds of the mean of 1 and 3
+        np.testing.assert_allclose(a, 4.0)
 
 
 def test_malformed_updates_are_rejected_counted_and_the_round_completes() -> None:
