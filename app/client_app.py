@@ -53,9 +53,7 @@ class DittoClient(NumPyClient):
         self.y_train = self._poisoned(y_train) if self.malicious and corrupts_labels(cfg.attack) else y_train
 
     def _generator(self, server_round: int, stream: int) -> torch.Generator:
-        """A torch RNG that depends only on (seed, device, round, stream): results do not depend on scheduling."""
-        seed = np.random.SeedSequence([self.cfg.seed, self.partition_id, server_round, stream]).generate_state(1)[0]
-        return torch.Generator().manual_seed(int(seed))
+        return ditto.round_generator(self.cfg.seed, self.partition_id, server_round, stream)
 
     def _poisoned(self, y: torch.Tensor) -> torch.Tensor:
         return poison_labels(y, self.num_classes, self._generator(0, 1))

@@ -14,11 +14,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from app.models import Objective, predictions
 
+
+def round_generator(seed: int, device: int, server_round: int, stream: int) -> torch.Generator:
+    """A torch RNG that depends only on (seed, device, round, stream): results do not depend on which process or
+    worker runs a device's round. Streams: 0 mini-batches, 1 label poisoning, 3 dropout, 4 fine-tuning, 5 lam auto's
+    validation split."""
+    state = np.random.SeedSequence([seed, device, server_round, stream]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def sgd_step(

@@ -56,8 +56,10 @@ class RunRecorder:
         log(INFO, "round %d evaluation over %d devices: %s", server_round, len(rows), _one_line(summary))
         return summary
 
-    def write(self, rounds: list[dict[str, Any]]) -> Path:
-        """Write results.json, clients.csv and per_device_accuracy.png; return the results.json path."""
+    def write(self, rounds: list[dict[str, Any]], connected_after: float | None = None) -> Path:
+        """Write results.json, clients.csv and per_device_accuracy.png; return the results.json path.
+        `connected_after`: seconds from the server's start until every device had connected and been identified
+        (the start-up inside round 1's time)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         results = {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -67,6 +69,7 @@ class RunRecorder:
             "malicious_clients": sorted(self.malicious),
             "rejected_updates_total": sum(r.get("rejected_updates", 0) for r in rounds),
             "failed_clients_total": sum(r.get("failed_clients", 0) for r in rounds),
+            "connected_after_seconds": connected_after,
         }
         path = self.out_dir / "results.json"
         tmp = path.with_suffix(".json.tmp")

@@ -82,7 +82,7 @@ class ResultsServer(Server):
                 history.add_metrics_distributed(server_round=server_round, metrics=res_fed[1])
             if every > 0 and (server_round % every == 0 or server_round == num_rounds):
                 self._checkpoint(server_round)
-        self.recorder.write(self.strategy.rounds)
+        self.recorder.write(self.strategy.rounds, self.strategy.connected_after)
         return history, timeit.default_timer() - start
 
 

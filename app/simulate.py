@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.client_app import make_client_fn
 from app.config import validate
+from app.engine import tune
 from app.server_app import make_server_app
 from flwr.client import ClientApp
 
@@ -37,8 +38,10 @@ def sweep_size(task_overrides: list[str], sweeper_params: dict[str, str]) -> int
     return math.prod(len(list(o.sweep_iterator())) if o.is_sweep_override() else 1 for o in parsed)
 
 
-def _simulate(cfg: DictConfig, out_dir: Path) -> dict:
+def simulate(cfg: DictConfig, out_dir: Path) -> dict:
+    """Run one experiment on Flower's simulation engine; returns its final metrics (results.json's `final`)."""
     validate(cfg)
+    tune()
     run_simulation(
         server_app=make_server_app(cfg, out_dir),
         client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
@@ -56,13 +59,13 @@ def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     if hc.mode != RunMode.MULTIRUN:
-        return _simulate(cfg, out_dir)
+        return simulate(cfg, out_dir)
     multirun = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml")
     total = sweep_size(list(multirun.hydra.overrides.task), dict(multirun.hydra.sweeper.get("params") or {}))
     overrides = list(hc.overrides.task)
     log(INFO, "[sweep] job %d/%d: %s", hc.job.num + 1, total, " ".join(overrides))
     try:
-        return _simulate(cfg, out_dir)
+        return simulate(cfg, out_dir)
     except Exception as err:  # one failed job must not stop the sweep; the collector lists it
         (out_dir / "failed.json").write_text(json.dumps(
             {"error": f"{type(err).__name__}: {err}", "overrides": overrides, "traceback": traceback.format_exc()},

@@ -35,6 +35,7 @@ from flwr.server.strategy import Strategy
 
 from strategies.aggregators import Aggregator
 from strategies.fair import Reweight
+from strategies.sampling import sample_devices
 
 EvaluateMetricsFn = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
 ThreatModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -133,6 +134,7 @@ class RobustStrategy(Strategy):
         self._partition_of: dict[str, int] = {}
         self._global: NDArrays = []
         self._start = time.perf_counter()
+        self.connected_after: float | None = None  # seconds from the start until every device was identified
 
     def __repr__(self) -> str:
         return f"RobustStrategy(num_clients={self.num_clients}, clients_per_round={self.clients_per_round})"
@@ -145,7 +147,8 @@ class RobustStrategy(Strategy):
         devices that are connected: a dead node's sampled slot is lost for that round, and a restarted device (a
         new node reporting the partition id of an earlier one) takes its place."""
         client_manager.num_available()  # lets Flower register nodes that joined since the last call
-        if not self._partition_of and not client_manager.wait_for(self.num_clients, timeout=int(self.connect_timeout)):
+        first = not self._partition_of
+        if first and not client_manager.wait_for(self.num_clients, timeout=int(self.connect_timeout)):
             raise RuntimeError(
                 f"only {client_manager.num_available()} of num_clients={self.num_clients} devices connected within "
                 f"{self.connect_timeout:.0f} s: start one node per device (simulation: num-supernodes=num_clients)"
@@ -167,6 +170,9 @@ class RobustStrategy(Strategy):
                 if pid in self._partition_of.values():
                     log(WARNING, "device %d rejoined as node %s: it replaces the node it ran on before", pid, proxy.cid)
                 self._partition_of[proxy.cid] = pid
+        if first:
+            self.connected_after = time.perf_counter() - self._start
+            log(INFO, "%d devices connected and identified after %.1f s", len(self._partition_of), self.connected_after)
         devices = {pid: proxies[cid] for cid, pid in self._partition_of.items() if cid in proxies}  # newest wins
         if len(devices) < self.num_clients:
             log(WARNING, "%d of %d devices connected; missing: %s", len(devices), self.num_clients,
@@ -190,8 +196,7 @@ class RobustStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._global = parameters_to_ndarrays(parameters)
         devices = self._devices(client_manager)
-        rng = np.random.default_rng([self.seed, server_round])
-        chosen = sorted(rng.choice(self.num_clients, size=self.clients_per_round, replace=False).tolist())
+        chosen = sample_devices(self.seed, server_round, self.num_clients, self.clients_per_round)
         config: dict[str, Scalar] = {"server_round": server_round}
         if self.checkpoint_every > 0:
             config["checkpoint_round"] = (server_round - 1) // self.checkpoint_every * self.checkpoint_every

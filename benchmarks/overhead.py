@@ -1,0 +1,125 @@
+"""Overhead against the limit: our Flower simulation against a plain single-process PyTorch loop doing the same SGD.
+
+    python benchmarks/overhead.py                      # digits, cnn_small, 100 devices, 10 per round, 50 rounds
+    python benchmarks/overhead.py num_rounds=10        # any Hydra override of the experiment
+
+The reference loop keeps every model in memory and performs exactly the simulation's SGD steps: the same sampled
+devices (strategies/sampling.py), mini-batches and label poisoning (app/ditto.py's round_generator streams), the
+same Ditto round (app/ditto.py's local_round), the same aggregator and the same evaluations, with no Flower, no Ray,
+no messages and no stored state. It prints both times, their ratio and both runs' final metrics (which agree).
+The simulation's time is split into start-up and shutdown (Ray, Flower, the actors, until every device has
+connected and been identified by the strategy, plus everything after the last round) and the rounds. The reference runs first, on one
+torch thread (its tensors are tiny: more threads only add synchronisation); then the simulation, with one Ray actor
+per core, one torch thread each.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app import ditto  # noqa: E402
+from app.attacks import aggregator_f, attack_update, attackers, corrupts_labels, poison_labels  # noqa: E402
+from app.config import compose_config  # noqa: E402
+from app.data import load_federation  # noqa: E402
+from app.metrics import accuracy_summary  # noqa: E402
+from app.models import build_model, get_weights, objective, set_weights  # noqa: E402
+from strategies.aggregators import build_aggregator  # noqa: E402
+from strategies.robust import flatten, unflatten  # noqa: E402
+from strategies.sampling import sample_devices  # noqa: E402
+
+WORKLOAD = ["dataset.model=cnn_small", "dataset.partitioner=pathological", "num_clients=100", "clients_per_round=10",
+            "num_rounds=50", "eval_every=25", "method=ditto"]
+SUPPORTED = "method=ditto with a fixed lam, an attack that acts on the device (not alie/ipm)"
+
+
+def plain_ditto(cfg: DictConfig) -> dict:
+    """The experiment `cfg` as one PyTorch loop: {global, personal} summaries of the last evaluation."""
+    if cfg.method.name != "ditto" or cfg.method.lam == "auto" or cfg.attack.name in ("alie", "ipm"):
+        raise SystemExit(f"the reference loop covers {SUPPORTED}")
+    fed = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
+    malicious = attackers(cfg)
+    loss_fn, lam, f = objective(cfg.dataset), float(cfg.method.lam), aggregator_f(cfg)
+    aggregate = build_aggregator(cfg.aggregator)
+
+    def build() -> torch.nn.Module:
+        return build_model(cfg.dataset.model, fed.input_shape, fed.num_classes, cfg.seed)
+
+    labels = [poison_labels(d.y_train, fed.num_classes, ditto.round_generator(cfg.seed, k, 0, 1))
+              if k in malicious and corrupts_labels(cfg.attack) else d.y_train for k, d in enumerate(fed.devices)]
+    weights = get_weights(build())
+    work, personal = build(), {}
+    summary: dict = {}
+    for r in range(1, cfg.num_rounds + 1):
+        updates, counts = [], []
+        for k in sample_devices(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
+            torch.random.default_generator.manual_seed(int(ditto.round_generator(cfg.seed, k, r, 3).initial_seed()))
+            set_weights(work, weights)
+            ditto.local_round(work, personal.setdefault(k, build()), fed.devices[k].x_train, labels[k],
+                              steps=cfg.local_steps, batch_size=cfg.batch_size, lr=float(cfg.lr), lam=lam,
+                              loss_fn=loss_fn, generator=ditto.round_generator(cfg.seed, k, r, 0))
+            update = [w - w0 for w, w0 in zip(get_weights(work), weights)]
+            if k in malicious:
+                update = attack_update(cfg.attack, update, np.random.default_rng([cfg.seed, k, r, 2]),
+                                       cfg.clients_per_round)
+            updates.append(flatten(update))
+            counts.append(len(labels[k]))
+        delta = aggregate(torch.from_numpy(np.stack(updates)), torch.tensor(counts, dtype=torch.float64), f)
+        weights = unflatten(flatten(weights) + delta.numpy(), weights)
+        if r % cfg.eval_every == 0 or r == cfg.num_rounds:
+            set_weights(work, weights)
+            initial = build()
+            rows = [(ditto.evaluate(work, d.x_test, d.y_test, loss_fn)[0],
+                     ditto.evaluate(personal.get(k, initial), d.x_test, d.y_test, loss_fn)[0], len(d.y_test))
+                    for k, d in enumerate(fed.devices)]
+            correct_g, correct_p, n_test = (np.array(c) for c in zip(*rows))
+            flags = np.array([k in malicious for k in range(cfg.num_clients)])
+            summary = {"global": accuracy_summary(correct_g, n_test, flags),
+                       "personal": accuracy_summary(correct_p, n_test, flags)}
+    return summary
+
+
+def main(overrides: list[str]) -> None:
+    cfg = compose_config([*WORKLOAD, *overrides])
+    print(f"workload: {' '.join([*WORKLOAD, *overrides])} ({cfg.local_steps} steps, batch {cfg.batch_size})")
+    load_federation(cfg.dataset, cfg.num_clients, cfg.seed)  # both runs start with the data in memory
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    plain = plain_ditto(cfg)
+    t_plain = time.perf_counter() - start
+
+    from app.simulate import simulate  # imported here: the reference loop runs before Flower and Ray are loaded
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        final = simulate(cfg, Path(tmp))
+        t_sim = time.perf_counter() - start
+        results = json.loads((Path(tmp) / "results.json").read_text())
+    t_loop, t_first = results["rounds"][-1]["seconds"], results["rounds"][0]["seconds"]
+    t_up = t_sim - t_loop + results["connected_after_seconds"]
+    t_run = t_loop - results["connected_after_seconds"]
+    print(f"plain PyTorch loop             {t_plain:8.1f} s")
+    print(f"simulation, whole              {t_sim:8.1f} s")
+    print(f"  start-up and shutdown        {t_up:8.1f} s   (Ray, Flower, actors, until every device is identified)")
+    print(f"  the {cfg.num_rounds} rounds                {t_run:8.1f} s   (of which round 1: "
+          f"{t_first - results['connected_after_seconds']:.1f} s, actors' first fit)")
+    print(f"ratio, rounds / plain          {t_run / t_plain:8.2f}   (target <= 1.5)")
+    print(f"ratio, rounds 2.. / plain      {(t_loop - t_first) / t_plain:8.2f}   (the steady state)")
+    print(f"ratio, whole / plain           {t_sim / t_plain:8.2f}")
+    for kind in ("global", "personal"):
+        a, b = plain[kind], final[kind]
+        print(f"{kind:<9} benign acc / std: plain {a['benign_acc']:.4f} / {a['benign_std_acc']:.4f}   "
+              f"simulation {b['benign_acc']:.4f} / {b['benign_std_acc']:.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
