@@ -48,6 +48,11 @@ def _real(lo: float, hi: float = float("inf"), *, lo_open: bool = False, hi_open
     return ok
 
 
+def _host_port(value: str) -> bool:
+    host, _, port = value.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
 def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str) -> None:
     value = OmegaConf.select(cfg, key, default="<missing>")
     if value == "<missing>" or not ok(value):
@@ -81,6 +86,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "checkpoint_every", _int(0), "an integer >= 0 (0: no checkpoint)")
     _check(cfg, "resume", lambda v: isinstance(v, bool), "true or false")
     _check(cfg, "max_update_norm", lambda v: v is None or _real(0, lo_open=True)(v), "null (no bound) or a number > 0")
+    _check(cfg, "ray_address", lambda v: v is None or (isinstance(v, str) and (v == "auto" or _host_port(v))),
+           "null (a private Ray instance), auto, or the HOST:PORT of an existing Ray cluster's head")
     _check(cfg, "round_timeout", lambda v: v is None or _real(0, lo_open=True)(v), "null (wait for all) or seconds > 0")
 
     _choice(cfg, "dataset.name", DATASETS, "dataset")

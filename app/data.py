@@ -4,7 +4,7 @@ Each loader in DATASETS returns a `Pool` (the examples and which device holds wh
 device's share into train and test. Sources:
 - `digits`: scikit-learn's handwritten digits (offline), partitioned by a flwr-datasets partitioner.
 - `vehicle`: the paper's Vehicle federation, LEAF JSON in `dataset.data_dir` (one device per sensor).
-- `synthetic`: Synthetic(alpha, beta) of the FedProx / q-FFL papers, generated from the seed.
+- `synthetic`: Synthetic(alpha, beta) of the FedProx / q-FFL papers, generated from the seed one device at a time.
 - `femnist`, `celeba`: natural federations (one device per writer / celebrity) of the Hugging Face tables
   `flwrlabs/femnist`, `flwrlabs/celeba`, partitioned with flwr-datasets' NaturalIdPartitioner.
 - `fashion_mnist`: the paper's partition (each device `classes_per_client` consecutive classes, lognormal sizes).
@@ -47,9 +47,28 @@ class DeviceData:
 
 @dataclass(frozen=True)
 class Federation:
-    devices: tuple[DeviceData, ...]
+    devices: Sequence[DeviceData]
     input_shape: tuple[int, ...]  # one example, no batch axis
     num_classes: int
+
+
+class LazyDevices(Sequence[DeviceData]):
+    """`n` devices, each built by `make(k)` when first asked for and kept in a bounded cache (least recently used
+    out): memory bounded by the cache, not by the federation's size."""
+
+    def __init__(self, n: int, make: Callable[[int], DeviceData], cache: int = 256) -> None:
+        self._n = n
+        self._get = lru_cache(maxsize=cache)(make)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, k):  # int -> DeviceData (slices: a list)
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self._n))]
+        if not -self._n <= k < self._n:
+            raise IndexError(f"device {k} of a federation of {self._n}")
+        return self._get(k % self._n)
 
 
 @dataclass(frozen=True)
@@ -184,26 +203,29 @@ def _vehicle(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     return Pool(np.concatenate(xs), np.concatenate(ys), 2, _check_sizes(parts, "this sensor has too little data"))
 
 
-def _synthetic(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+def _synthetic(dataset: DictConfig, num_clients: int, seed: int) -> Federation:
     """Synthetic(alpha, beta) (Shamir et al. 2014, as in FedProx): device k has W_k ~ N(u_k, 1), b_k ~ N(u_k, 1),
     u_k ~ N(0, alpha); x ~ N(v_k, diag(j^-1.2)), v_k ~ N(B_k, 1), B_k ~ N(0, beta); y = argmax softmax(W_k x + b_k);
-    lognormal(4, 2) + 50 samples per device. alpha: how much device models differ; beta: how much their inputs do."""
-    rng = np.random.default_rng([seed, 0x5E7])
+    lognormal(4, 2) + 50 samples per device. alpha: how much device models differ; beta: how much their inputs do.
+    Device k is drawn from its own stream (seed, k) when first asked for: a federation of any size costs only the
+    devices a process touches."""
     d, c = int(dataset.num_features), int(dataset.num_classes)
-    sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
-    model_means = rng.normal(0, float(dataset.alpha), num_clients)
-    input_means = rng.normal(0, float(dataset.beta), num_clients)
+    alpha, beta = float(dataset.alpha), float(dataset.beta)
+    test_fraction, stratified = float(dataset.test_fraction), bool(dataset.get("stratified_split", False))
     scale = np.sqrt(np.arange(1, d + 1, dtype=np.float64) ** -1.2)
-    xs, ys = [], []
-    for k in range(num_clients):
-        w = rng.normal(model_means[k], 1, (d, c))
-        b = rng.normal(model_means[k], 1, c)
-        x = rng.normal(input_means[k], 1, d) + rng.standard_normal((sizes[k], d)) * scale
-        xs.append(x.astype(np.float32))
-        ys.append((x @ w + b).argmax(axis=1).astype(np.int64))
-    bounds = np.cumsum([0, *sizes])
-    parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    return Pool(np.concatenate(xs), np.concatenate(ys), c, parts)
+
+    def device(k: int) -> DeviceData:
+        rng = np.random.default_rng([seed, 0x5E7, k])
+        size = int(rng.lognormal(4, 2)) + 50
+        model_mean, input_mean = rng.normal(0, alpha), rng.normal(0, beta)
+        w = rng.normal(model_mean, 1, (d, c))
+        b = rng.normal(model_mean, 1, c)
+        x = rng.normal(input_mean, 1, d) + rng.standard_normal((size, d)) * scale
+        y = (x @ w + b).argmax(axis=1).astype(np.int64)
+        train, test = split_device(np.arange(size), test_fraction, seed, k, y if stratified else None)
+        return _device_data(x.astype(np.float32), y, train, test)
+
+    return Federation(LazyDevices(num_clients, device), (d,), c)
 
 
 def _gaussian_mean(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
@@ -304,7 +326,9 @@ def _cifar10(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     return _pooled_images(dataset, num_clients, seed, "img", standardize=False)
 
 
-DATASETS: dict[str, Callable[[DictConfig, int, int], Pool]] = {
+# A loader returns every example (a Pool, split per device by load_federation) or, when devices can be built one at a
+# time, the Federation itself.
+DATASETS: dict[str, Callable[[DictConfig, int, int], Pool | Federation]] = {
     "digits": _digits,
     "vehicle": _vehicle,
     "synthetic": _synthetic,
@@ -352,6 +376,8 @@ def load_federation(dataset: DictConfig, num_clients: int, seed: int) -> Federat
 def _load(dataset_yaml: str, num_clients: int, seed: int) -> Federation:
     dataset = OmegaConf.create(dataset_yaml)
     pool = DATASETS[dataset.name](dataset, num_clients, seed)
+    if isinstance(pool, Federation):  # a loader that builds devices on demand
+        return pool
     stratified = bool(dataset.get("stratified_split", False))
     devices = []
     for k, idx in enumerate(pool.parts):
@@ -359,6 +385,9 @@ def _load(dataset_yaml: str, num_clients: int, seed: int) -> Federation:
             train, test = idx, pool.test_parts[k]
         else:
             train, test = split_device(idx, float(dataset.test_fraction), seed, k, pool.y[idx] if stratified else None)
-        devices.append(DeviceData(*(torch.from_numpy(np.ascontiguousarray(a))
-                                    for a in (pool.x[train], pool.y[train], pool.x[test], pool.y[test]))))
+        devices.append(_device_data(pool.x, pool.y, train, test))
     return Federation(tuple(devices), tuple(pool.x.shape[1:]), pool.num_classes)
+
+
+def _device_data(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> DeviceData:
+    return DeviceData(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x[train], y[train], x[test], y[test])))

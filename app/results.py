@@ -111,25 +111,45 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     pd.DataFrame(rows).to_csv(path, index=False)
 
 
+BARS_UP_TO = 100  # devices; beyond, one bar each would be unreadable (and a figure as wide as the federation)
+
+
 def _plot_clients(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per-device accuracy: one bar per device (malicious ones shaded) for up to BARS_UP_TO devices; beyond, each
+    model's benign per-device accuracies sorted (the fairness profile: a flat curve is a fair model)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    kinds = [k for k in KINDS if rows and rows[0][f"acc_{k}"] is not None]
+    label = {"personal": "ditto (personal)", "global": "global"}
+    if len(rows) > BARS_UP_TO:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for kind in kinds:
+            acc = np.sort([r[f"acc_{kind}"] for r in rows if not r["malicious"] and r["n_test"] > 0])
+            ax.plot(np.linspace(0, 1, len(acc)), acc, label=label[kind])
+        ax.set_xlabel(f"benign devices, sorted by accuracy (fraction of {sum(not r['malicious'] for r in rows)})")
+        _save_accuracy_plot(fig, ax, path)
+        return
     ids = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 3.5))
-    kinds = [k for k in KINDS if rows and rows[0][f"acc_{k}"] is not None]
     width = 0.8 / max(1, len(kinds))
     for i, kind in enumerate(kinds):
         acc = [r[f"acc_{kind}"] for r in rows]
-        ax.bar(ids + i * width, acc, width, label="ditto (personal)" if kind == "personal" else "global")
+        ax.bar(ids + i * width, acc, width, label=label[kind])
     centres = ids + (len(kinds) - 1) * width / 2
     for c, r in zip(centres, rows):
         if r["malicious"]:
             ax.axvspan(c - 0.45, c + 0.45, color="red", alpha=0.08, lw=0)
     ax.set_xticks(centres, [str(r["client_id"]) for r in rows], fontsize=7)
     ax.set_xlabel("device (shaded: malicious)")
+    _save_accuracy_plot(fig, ax, path)
+
+
+def _save_accuracy_plot(fig, ax, path: Path) -> None:  # fig, ax: a matplotlib Figure and its Axes
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right", fontsize=8)

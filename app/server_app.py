@@ -15,6 +15,7 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig, SimpleClientManager
 from flwr.server.history import History
+from flwr.server.server import fit_clients
 from omegaconf import DictConfig, OmegaConf
 
 from app.attacks import aggregator_f, attackers, threat_model
@@ -60,6 +61,18 @@ class ResultsServer(Server):
         self.strategy.initialize_parameters(self._client_manager)  # restarts the strategy's clock
         log(INFO, "resumed from the checkpoint of round %d in %s", ckpt.round, self.recorder.out_dir)
         return ckpt.round
+
+    def fit_round(self, server_round: int, timeout: float | None):  # -> (parameters, metrics, (results, failures))
+        """Flower's fit round without its log line, whose count of available nodes re-lists the whole federation
+        every round (the strategy logs the round itself)."""
+        instructions = self.strategy.configure_fit(server_round=server_round, parameters=self.parameters,
+                                                   client_manager=self._client_manager)
+        if not instructions:
+            return None
+        results, failures = fit_clients(instructions, max_workers=self.max_workers, timeout=timeout,
+                                        group_id=server_round)
+        parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        return parameters, metrics, (results, failures)
 
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
         history = History()

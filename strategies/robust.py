@@ -29,7 +29,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
-from flwr.server.client_manager import ClientManager
+from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
@@ -132,6 +132,8 @@ class RobustStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.rounds: list[dict[str, Any]] = []
         self._partition_of: dict[str, int] = {}
+        self._identified: set[int] = set()  # partition ids seen so far
+        self._cached: tuple[set[str], dict[int, ClientProxy]] | None = None  # node ids -> their devices
         self._global: NDArrays = []
         self._start = time.perf_counter()
         self.connected_after: float | None = None  # seconds from the start until every device was identified
@@ -146,14 +148,19 @@ class RobustStrategy(Strategy):
         Before the first round every device must connect (within `connect_timeout`). Later rounds go on with the
         devices that are connected: a dead node's sampled slot is lost for that round, and a restarted device (a
         new node reporting the partition id of an earlier one) takes its place."""
-        client_manager.num_available()  # lets Flower register nodes that joined since the last call
         first = not self._partition_of
-        if first and not client_manager.wait_for(self.num_clients, timeout=int(self.connect_timeout)):
-            raise RuntimeError(
-                f"only {client_manager.num_available()} of num_clients={self.num_clients} devices connected within "
-                f"{self.connect_timeout:.0f} s: start one node per device (simulation: num-supernodes=num_clients)"
-            )
-        proxies = client_manager.all()
+        if first:
+            client_manager.num_available()  # lets Flower register the nodes that have joined
+            if not client_manager.wait_for(self.num_clients, timeout=int(self.connect_timeout)):
+                raise RuntimeError(
+                    f"only {client_manager.num_available()} of num_clients={self.num_clients} devices connected within "
+                    f"{self.connect_timeout:.0f} s: start one node per device (simulation: num-supernodes=num_clients)"
+                )
+            proxies = client_manager.all()
+        else:  # Flower's all() re-lists every node of the federation; its own thread does so every 5 s, soon enough
+            proxies = client_manager.clients if isinstance(client_manager, SimpleClientManager) else client_manager.all()
+        if self._cached is not None and proxies.keys() == self._cached[0]:
+            return self._cached[1]  # no node joined or left since the last call
         new = [p for cid, p in proxies.items() if cid not in self._partition_of]
         if new:
             with ThreadPoolExecutor(max_workers=min(32, len(new))) as pool:
@@ -167,9 +174,10 @@ class RobustStrategy(Strategy):
                         f"node {proxy.cid} reports partition-id={pid}, outside 0..{self.num_clients - 1}: "
                         "set each node's partition-id below num_clients"
                     )
-                if pid in self._partition_of.values():
+                if pid in self._identified:
                     log(WARNING, "device %d rejoined as node %s: it replaces the node it ran on before", pid, proxy.cid)
                 self._partition_of[proxy.cid] = pid
+                self._identified.add(pid)
         if first:
             self.connected_after = time.perf_counter() - self._start
             log(INFO, "%d devices connected and identified after %.1f s", len(self._partition_of), self.connected_after)
@@ -177,6 +185,7 @@ class RobustStrategy(Strategy):
         if len(devices) < self.num_clients:
             log(WARNING, "%d of %d devices connected; missing: %s", len(devices), self.num_clients,
                 sorted(set(range(self.num_clients)) - set(devices)))
+        self._cached = (set(proxies), devices)
         return devices
 
     def _log_round(self, server_round: int, **fields: Any) -> dict[str, Any]:
