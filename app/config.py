@@ -176,6 +176,15 @@ def validate(cfg: DictConfig) -> None:
                           "in memory do not outlive the run. Set personal_state=disk (before the run to resume).")
 
 
+def check_flwr_run(cfg: DictConfig) -> None:
+    """Refuse the keys that only the Hydra entry point can apply: under `flwr run .` Flower starts the engine
+    before the app sees its config."""
+    if cfg.ray_address is not None:
+        raise ConfigError(f"config key 'ray_address' = {cfg.ray_address!r} is not allowed with flwr run: Flower "
+                          "starts its simulation engine before the app reads its config. Run python -m app.simulate "
+                          "ray_address=... instead, or leave ray_address=null.")
+
+
 def main(argv: Sequence[str]) -> int:
     """`python -m app.config KEY [OVERRIDE ...]`: print one key of the composed, validated config."""
     if not argv:

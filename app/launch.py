@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.config import compose_config
+from app.config import check_flwr_run, compose_config
 from app.results import format_table
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -93,6 +93,7 @@ def run_flwr(overrides: Sequence[str], output_dir: Path, *, flwr_home: Path | No
     Without `connection`, on a local simulation sized from the config; with it, on the SuperLink that the
     connection of that name in `flwr_home`/config.toml points at (a deployment)."""
     cfg = compose_config(overrides)  # a bad key or value stops here, before anything starts
+    check_flwr_run(cfg)
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr").resolve()
     output_dir = output_dir.resolve()
     env = flower_env(flwr_home)

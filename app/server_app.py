@@ -19,7 +19,7 @@ from flwr.server.server import fit_clients
 from omegaconf import DictConfig, OmegaConf
 
 from app.attacks import aggregator_f, attackers, threat_model
-from app.config import config_from_overrides
+from app.config import check_flwr_run, config_from_overrides
 from app.data import load_federation
 from app.methods import METHODS
 from app.models import build_model, get_weights
@@ -154,6 +154,7 @@ def make_server_app(cfg: DictConfig, out_dir: Path) -> ServerApp:
 def _server_fn(context: Context) -> ServerAppComponents:
     """flwr run: the run config's `overrides` select the Hydra config; `output-dir` says where results go."""
     cfg = config_from_overrides(str(context.run_config.get("overrides", "")))
+    check_flwr_run(cfg)
     out = str(context.run_config.get("output-dir", "")).strip()
     out_dir = Path(out) if out else Path.home() / "ditto-runs" / time.strftime("%Y%m%d-%H%M%S")
     return build_components(cfg, out_dir)

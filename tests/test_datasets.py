@@ -251,3 +251,19 @@ def test_real_vehicle_file_loads_23_sensors() -> None:
         pytest.skip(f"the shared Vehicle file is not on this machine: {err}")
     assert len(fed.devices) == 23 and fed.input_shape == (100,)
     assert sum(len(d.y_train) + len(d.y_test) for d in fed.devices) == 1860
+
+
+def test_synthetic_devices_do_not_depend_on_the_federation_size() -> None:
+    """Each device comes from its own stream: device k is the same in a federation of 30 and of 10,000, and the
+    large one costs only the devices asked for (the cache is bounded)."""
+    cfg = _dataset_cfg("synthetic")
+    small, large = load_federation(cfg, 30, seed=0), load_federation(cfg, 10_000, seed=0)
+    assert len(large.devices) == 10_000
+    for k in (0, 7, 29):
+        assert torch.equal(small.devices[k].x_train, large.devices[k].x_train)
+        assert torch.equal(small.devices[k].y_test, large.devices[k].y_test)
+    assert not torch.equal(large.devices[9_999].x_train[:1], large.devices[0].x_train[:1])
+    assert large.devices[-1] is large.devices[9_999]
+    with pytest.raises(IndexError, match="device 10000 of a federation of 10000"):
+        large.devices[10_000]
+    assert large.devices._get.cache_info().maxsize == 256
