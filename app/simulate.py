@@ -3,7 +3,8 @@
 Runs the same ServerApp and ClientApp as `flwr run .` on Flower's Ray-backed simulation engine, one SuperNode per
 device, and writes the results into Hydra's run directory (`hydra.run.dir=...`). In a sweep (`-m`, e.g.
 `+experiment=robustness -m`), each job logs "job i/N" and its rounds; a job that fails writes failed.json (the error
-and its overrides) and the sweep goes on: `python -m app.report SWEEP_DIR` lists it.
+and its overrides) and the sweep goes on: `python -m app.report SWEEP_DIR` lists it. The engine is tuned for short
+rounds and large federations (app/engine.py); `ray_address=HOST:PORT` runs it on an existing Ray cluster.
 """
 
 from __future__ import annotations
