@@ -125,6 +125,11 @@ def corrupts_labels(attack: DictConfig) -> bool:
     return ATTACKS[attack.name].poisons_labels or bool(attack.get("corrupt_labels", False))
 
 
+def attack_rng(seed: int, device: int, server_round: int) -> np.random.Generator:
+    """The generator a malicious device's update attack draws from in a round (stream 2 of its round)."""
+    return np.random.default_rng([seed, device, server_round, 2])
+
+
 def attack_update(
     attack: DictConfig, update: list[np.ndarray], rng: np.random.Generator, clients_per_round: int
 ) -> list[np.ndarray]:

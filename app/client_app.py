@@ -16,7 +16,7 @@ from flwr.common import NDArrays, Scalar
 from omegaconf import DictConfig
 
 from app import ditto
-from app.attacks import attack_update, attackers, corrupts_labels, poison_labels
+from app.attacks import attack_rng, attack_update, attackers, corrupts_labels, poison_labels
 from app.config import config_from_overrides
 from app.data import load_federation
 from app.methods import METHODS, apfl_round, mix_into
@@ -99,8 +99,7 @@ class DittoClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         server_round = int(config["server_round"])
-        # dropout draws from the global CPU generator: seed it so masks do not depend on which worker runs the fit
-        torch.random.default_generator.manual_seed(int(self._generator(server_round, 3).initial_seed()))
+        ditto.seed_global_rng(self.cfg.seed, self.partition_id, server_round)
         global_model = self._build()
         set_weights(global_model, parameters)
         metrics: dict[str, Scalar] = {"partition_id": self.partition_id}
@@ -126,7 +125,7 @@ class DittoClient(NumPyClient):
         else:
             update = [np.zeros_like(w0) for w0 in parameters]
         if self.malicious:
-            rng = np.random.default_rng([self.cfg.seed, self.partition_id, server_round, 2])
+            rng = attack_rng(self.cfg.seed, self.partition_id, server_round)
             update = attack_update(self.cfg.attack, update, rng, self.cfg.clients_per_round)
         return update, len(self.y_train), metrics
 

@@ -23,10 +23,16 @@ from app.models import Objective, predictions
 
 def round_generator(seed: int, device: int, server_round: int, stream: int) -> torch.Generator:
     """A torch RNG that depends only on (seed, device, round, stream): results do not depend on which process or
-    worker runs a device's round. Streams: 0 mini-batches, 1 label poisoning, 3 dropout, 4 fine-tuning, 5 lam auto's
-    validation split."""
+    worker runs a device's round. Streams: 0 mini-batches, 1 label poisoning, 2 the update attack (numpy, see
+    app/attacks.attack_rng), 3 dropout, 4 fine-tuning, 5 lam auto's validation split."""
     state = np.random.SeedSequence([seed, device, server_round, stream]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def seed_global_rng(seed: int, device: int, server_round: int) -> None:
+    """Seed torch's global CPU generator (what dropout draws from) for this device's round (stream 3), so masks do
+    not depend on which worker runs it."""
+    torch.random.default_generator.manual_seed(int(round_generator(seed, device, server_round, 3).initial_seed()))
 
 
 def sgd_step(

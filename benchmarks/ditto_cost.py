@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.config import compose_config  # noqa: E402
 from app.simulate import simulate  # noqa: E402
 from benchmarks.overhead import WORKLOAD  # noqa: E402
+from strategies.sampling import evaluates  # noqa: E402
 
 
 def round_times(overrides: list[str]) -> tuple[float, float]:
@@ -32,8 +33,8 @@ def round_times(overrides: list[str]) -> tuple[float, float]:
         simulate(cfg, Path(tmp))
         results = json.loads((Path(tmp) / "results.json").read_text())
     ends = {r["round"]: r["seconds"] for r in results["rounds"]}
-    evaluates = {r for r in ends if r % cfg.eval_every == 0 or r == cfg.num_rounds}
-    training = [ends[r] - ends[r - 1] for r in range(3, cfg.num_rounds + 1) if not {r, r - 1} & evaluates]
+    training = [ends[r] - ends[r - 1] for r in range(3, cfg.num_rounds + 1)
+                if not any(evaluates(q, cfg.eval_every, cfg.num_rounds) for q in (r, r - 1))]
     return statistics.median(training), ends[cfg.num_rounds] - results["connected_after_seconds"]
 
 

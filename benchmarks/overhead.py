@@ -8,9 +8,9 @@ devices (strategies/sampling.py), mini-batches and label poisoning (app/ditto.py
 same Ditto round (app/ditto.py's local_round), the same aggregator and the same evaluations, with no Flower, no Ray,
 no messages and no stored state. It prints both times, their ratio and both runs' final metrics (which agree).
 The simulation's time is split into start-up and shutdown (Ray, Flower, the actors, until every device has
-connected and been identified by the strategy, plus everything after the last round) and the rounds. The reference runs first, on one
-torch thread (its tensors are tiny: more threads only add synchronisation); then the simulation, with one Ray actor
-per core, one torch thread each.
+connected and been identified by the strategy, plus everything after the last round) and the rounds. The reference
+runs first, on one torch thread (its tensors are tiny: more threads only add synchronisation); then the simulation,
+with one Ray actor per core, one torch thread each.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app import ditto  # noqa: E402
-from app.attacks import aggregator_f, attack_update, attackers, corrupts_labels, poison_labels  # noqa: E402
+from app.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, poison_labels  # noqa: E402
 from app.config import compose_config  # noqa: E402
 from app.data import load_federation  # noqa: E402
 from app.metrics import accuracy_summary  # noqa: E402
 from app.models import build_model, get_weights, objective, set_weights  # noqa: E402
 from strategies.aggregators import build_aggregator  # noqa: E402
 from strategies.robust import flatten, unflatten  # noqa: E402
-from strategies.sampling import sample_devices  # noqa: E402
+from strategies.sampling import evaluates, sample_devices  # noqa: E402
 
 WORKLOAD = ["dataset.model=cnn_small", "dataset.partitioner=pathological", "num_clients=100", "clients_per_round=10",
             "num_rounds=50", "eval_every=25", "method=ditto"]
@@ -62,20 +62,19 @@ def plain_ditto(cfg: DictConfig) -> dict:
     for r in range(1, cfg.num_rounds + 1):
         updates, counts = [], []
         for k in sample_devices(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
-            torch.random.default_generator.manual_seed(int(ditto.round_generator(cfg.seed, k, r, 3).initial_seed()))
+            ditto.seed_global_rng(cfg.seed, k, r)
             set_weights(work, weights)
             ditto.local_round(work, personal.setdefault(k, build()), fed.devices[k].x_train, labels[k],
                               steps=cfg.local_steps, batch_size=cfg.batch_size, lr=float(cfg.lr), lam=lam,
                               loss_fn=loss_fn, generator=ditto.round_generator(cfg.seed, k, r, 0))
             update = [w - w0 for w, w0 in zip(get_weights(work), weights)]
             if k in malicious:
-                update = attack_update(cfg.attack, update, np.random.default_rng([cfg.seed, k, r, 2]),
-                                       cfg.clients_per_round)
+                update = attack_update(cfg.attack, update, attack_rng(cfg.seed, k, r), cfg.clients_per_round)
             updates.append(flatten(update))
             counts.append(len(labels[k]))
         delta = aggregate(torch.from_numpy(np.stack(updates)), torch.tensor(counts, dtype=torch.float64), f)
         weights = unflatten(flatten(weights) + delta.numpy(), weights)
-        if r % cfg.eval_every == 0 or r == cfg.num_rounds:
+        if evaluates(r, cfg.eval_every, cfg.num_rounds):
             set_weights(work, weights)
             initial = build()
             rows = [(ditto.evaluate(work, d.x_test, d.y_test, loss_fn)[0],

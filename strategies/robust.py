@@ -35,7 +35,7 @@ from flwr.server.strategy import Strategy
 
 from strategies.aggregators import Aggregator
 from strategies.fair import Reweight
-from strategies.sampling import sample_devices
+from strategies.sampling import evaluates, sample_devices
 
 EvaluateMetricsFn = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
 ThreatModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -265,7 +265,7 @@ class RobustStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        if server_round % self.eval_every != 0 and server_round != self.num_rounds:
+        if not evaluates(server_round, self.eval_every, self.num_rounds):
             return []
         ins = EvaluateIns(parameters, {"server_round": server_round})
         return [(proxy, ins) for _, proxy in sorted(self._devices(client_manager).items())]
