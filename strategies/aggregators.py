@@ -2,10 +2,10 @@
 
 Every rule takes `updates` (n x d float tensor, one row per accepted client update), `weights` (n sample counts)
 and `num_malicious` (f, the number of malicious rows the rule should tolerate) and returns the aggregated update
-(d,). Pairwise distances come from the Gram matrix (no loop over pairs); coordinate-wise order statistics partition
-cache-sized transposed column blocks (no full sort, no copy of the stack), so peak extra memory stays within a few
-copies of the stack. A rule that cannot
-run on the rows it got raises ValueError; `check_aggregator` says so for a configuration before any round runs.
+(d,). Pairwise distances come from the Gram matrix, column block by column block (strategies/distances.py);
+coordinate-wise order statistics partition cache-sized transposed column blocks (no full sort, no copy of the
+stack), so peak extra memory stays within a few copies of the stack. A rule that cannot run on the rows it got
+raises ValueError; `check_aggregator` says so for a configuration before any round runs.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from strategies.distances import krum_scores, krum_select, pairwise_sq_distances
+
 Aggregator = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -31,36 +33,60 @@ def mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *
     return (w / w.sum()) @ updates
 
 
-_BLOCK = 2048  # columns per block: a transposed block of n x 2048 floats stays in cache
+_BLOCK_BYTES = 4 << 20  # a transposed column block of about 4 MiB stays in cache
 _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))  # numpy's partition releases the GIL
 
 
-def _by_column_blocks(x: torch.Tensor, kth: list[int], reduce: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:
-    """Per coordinate, partition the n values at the positions `kth` and `reduce` each partitioned (block x n)
-    array to one value per column. Works on cache-sized transposed column blocks, in parallel."""
+def _by_column_blocks(x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray],
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One value per coordinate: `reduce` maps a C-contiguous (columns x rows) block of x[rows] (rows=None: all), which
+    it may reorder in place, to one value per column. Cache-sized blocks, in parallel, so the extra memory is a few
+    blocks, never a copy of the stack."""
     a = x.detach().cpu().numpy()
+    picked = None if rows is None else rows.numpy()
     out = np.empty(a.shape[1], dtype=a.dtype)
+    rows_bytes = (a.shape[0] if picked is None else len(picked)) * a.itemsize
+    # at least 16 blocks, so that the blocks in flight stay small next to a small stack
+    width = max(256, min(_BLOCK_BYTES // rows_bytes, -(-a.shape[1] // 16)))
 
     def work(start: int) -> None:
-        block = np.partition(a[:, start : start + _BLOCK].T, kth, axis=1)
-        out[start : start + _BLOCK] = reduce(block)
+        # a C-contiguous transposed copy: np.partition on the strided view would copy in the view's (column) order
+        # and then select along a stride of `width` elements, about 2x slower
+        cols = a[:, start : start + width] if picked is None else a[picked, start : start + width]
+        out[start : start + width] = reduce(np.ascontiguousarray(cols.T))
 
-    list(_POOL.map(work, range(0, a.shape[1], _BLOCK)))
+    list(_POOL.map(work, range(0, a.shape[1], width)))
     return torch.from_numpy(out)
 
 
-def _coordinate_median(x: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise median; the mean of the two middle values when n is even (as numpy)."""
-    n = x.shape[0]
+def _row_medians(block: np.ndarray) -> np.ndarray:
+    """Median of each row, the mean of the two middle values when the length is even (as numpy); partitions in place."""
+    n = block.shape[1]
     k = n // 2
     if n % 2:
-        return _by_column_blocks(x, [k], lambda b: b[:, k])
-    return _by_column_blocks(x, [k - 1, k], lambda b: (b[:, k - 1] + b[:, k]) / 2)
+        block.partition(k, axis=1)
+        return block[:, k]
+    block.partition([k - 1, k], axis=1)
+    return (block[:, k - 1] + block[:, k]) / 2
+
+
+def _trimmed_row_means(block: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the mean of the values left after dropping the k smallest and the k largest; partitions in place."""
+    n = block.shape[1]
+    block.partition([k, n - k - 1], axis=1)
+    return block[:, k : n - k].mean(axis=1, dtype=np.float64)
+
+
+def _row_means_closest_to_median(block: np.ndarray, beta: int) -> np.ndarray:
+    """Per row, the mean of the `beta` values closest to the row's median."""
+    med = _row_medians(block)  # reorders each row in place; the values, hence the answer, stay the same
+    closest = np.argpartition(np.abs(block - med[:, None]), beta - 1, axis=1)[:, :beta]
+    return np.take_along_axis(block, closest, axis=1).mean(axis=1, dtype=np.float64)
 
 
 def median(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
     """Coordinate-wise median (Yin et al., ICML 2018, "Byzantine-robust distributed learning")."""
-    return _coordinate_median(updates)
+    return _by_column_blocks(updates, _row_medians)
 
 
 def trimmed_mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, beta: float = 0.1) -> torch.Tensor:
@@ -72,26 +98,7 @@ def trimmed_mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: in
         raise ValueError(f"trimmed_mean with beta={beta} trims all of n={n} updates: use beta < 0.5")
     if k == 0:
         return updates.mean(dim=0)
-    return _by_column_blocks(updates, [k, n - k - 1], lambda b: b[:, k : n - k].mean(axis=1, dtype=np.float64))
-
-
-def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    """n x n squared Euclidean distances between rows, from the Gram matrix of the centred rows (float64)."""
-    centred = x.to(torch.float64, copy=True)  # never centre the caller's tensor in place
-    centred -= centred.mean(dim=0)
-    gram = centred @ centred.T
-    sq = gram.diagonal()
-    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min_(0.0)
-    dist.fill_diagonal_(0.0)
-    return dist
-
-
-def krum_scores(dist: torch.Tensor, num_malicious: int) -> torch.Tensor:
-    """Krum score of each row: the sum of squared distances to its n - f - 2 nearest other rows."""
-    n = dist.shape[0]
-    k = min(max(1, n - num_malicious - 2), n - 1)  # at least one neighbour, as Flower (matters inside Bulyan)
-    nearest = torch.topk(dist, k + 1, dim=1, largest=False).values  # includes the row itself (distance 0)
-    return nearest[:, 1:].sum(dim=1)
+    return _by_column_blocks(updates, partial(_trimmed_row_means, k=k))
 
 
 # smallest number of updates a rule needs, given f
@@ -112,10 +119,11 @@ def _needs(rule: str, n: int, f: int) -> None:
 
 def krum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
     """Krum (Blanchard et al., NeurIPS 2017): the update whose n - f - 2 nearest neighbours (itself excluded) are
-    closest in summed squared distance. Its guarantee assumes n >= 2f + 3; like the official Ditto code it runs
-    whenever there is a neighbour to count (n >= f + 3)."""
+    closest in summed squared distance (the first on a tie). Its guarantee assumes n >= 2f + 3; like the official
+    Ditto code it runs whenever there is a neighbour to count (n >= f + 3). The choice is the one exact float64
+    distances give; float32 bounds settle it where they can (`krum_select`)."""
     _needs("krum", updates.shape[0], num_malicious)
-    return updates[int(torch.argmin(krum_scores(pairwise_sq_distances(updates), num_malicious)))].clone()
+    return updates[int(krum_select(updates, num_malicious, 1)[0])].clone()
 
 
 def multikrum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, m: int | None = None) -> torch.Tensor:
@@ -124,8 +132,9 @@ def multikrum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int =
     n = updates.shape[0]
     _needs("multikrum", n, num_malicious)
     keep = n - num_malicious if m is None else min(m, n)
-    best = torch.topk(krum_scores(pairwise_sq_distances(updates), num_malicious), keep, largest=False).indices
-    return updates[best].mean(dim=0)
+    share = torch.zeros(n, dtype=updates.dtype)
+    share[krum_select(updates, num_malicious, keep)] = 1.0 / keep
+    return share @ updates  # the mean of the chosen rows without copying them out of the stack
 
 
 def bulyan(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
@@ -134,6 +143,8 @@ def bulyan(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0)
     closest to the selected values' median. Requires n >= 4f + 3."""
     n, f = updates.shape[0], num_malicious
     _needs("bulyan", n, f)
+    if f == 0:
+        return updates.mean(dim=0)  # theta = n: every update is selected, none is trimmed
     dist = pairwise_sq_distances(updates)
     remaining = list(range(n))
     chosen = []
@@ -142,14 +153,8 @@ def bulyan(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0)
         best = remaining[int(torch.argmin(krum_scores(dist[idx][:, idx], f)))]
         chosen.append(best)
         remaining.remove(best)
-    selected = updates[torch.tensor(chosen)]
-    theta, beta = len(chosen), len(chosen) - 2 * f
-    if beta == theta:
-        return selected.mean(dim=0)
-    # mean of the beta values closest to the median = (sum of all - sum of the 2f farthest) / beta
-    far = torch.topk((selected - _coordinate_median(selected)).abs_(), theta - beta, dim=0).indices
-    total = selected.sum(dim=0, dtype=torch.float64) - selected.gather(0, far).sum(dim=0, dtype=torch.float64)
-    return (total / beta).to(updates.dtype)
+    beta = len(chosen) - 2 * f
+    return _by_column_blocks(updates, partial(_row_means_closest_to_median, beta=beta), rows=torch.tensor(chosen))
 
 
 def knorm(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
