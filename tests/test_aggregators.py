@@ -117,7 +117,7 @@ def test_configuration_check_names_the_fix() -> None:
 # -- against Flower 1.41 ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [5, 8, 13])
 def test_median_and_trimmed_mean_equal_flowers(n: int) -> None:
-    x = torch.randn(n, 50, generator=torch.Generator().manual_seed(n))
+    x = torch.randn(n, 5000, generator=torch.Generator().manual_seed(n))  # 16 column blocks, the last one partial
     np.testing.assert_allclose(median(x, ONES(n)).numpy(), aggregate_median(_flower(x))[0], atol=1e-6)
     np.testing.assert_allclose(trimmed_mean(x, ONES(n), beta=0.2).numpy(),
                                aggregate_trimmed_avg(_flower(x), 0.2)[0], atol=1e-6)
@@ -125,7 +125,7 @@ def test_median_and_trimmed_mean_equal_flowers(n: int) -> None:
 
 @pytest.mark.parametrize(("n", "f"), [(7, 1), (10, 2), (12, 3)])
 def test_krum_equals_flowers_and_multikrum_differs_only_in_weighting(n: int, f: int) -> None:
-    x = torch.randn(n, 30, generator=torch.Generator().manual_seed(n + f))
+    x = torch.randn(n, 5000, generator=torch.Generator().manual_seed(n + f))  # float64 blocks, float32 chunks
     np.testing.assert_allclose(krum(x, ONES(n), f).numpy(), aggregate_krum(_flower(x), f, 0)[0], atol=1e-6)
     # Flower's Multi-Krum is weighted by num_examples; with equal counts it is our unweighted mean
     np.testing.assert_allclose(multikrum(x, ONES(n), f, m=n - f).numpy(),
@@ -134,7 +134,7 @@ def test_krum_equals_flowers_and_multikrum_differs_only_in_weighting(n: int, f: 
 
 @pytest.mark.parametrize(("n", "f"), [(7, 1), (11, 2)])
 def test_bulyan_equals_flowers_with_krum_selection(n: int, f: int) -> None:
-    x = torch.randn(n, 40, generator=torch.Generator().manual_seed(n))
+    x = torch.randn(n, 5000, generator=torch.Generator().manual_seed(n))  # Bulyan's rows read block by block
     theirs = aggregate_bulyan(_flower(x), f, aggregate_krum, to_keep=0)[0]
     np.testing.assert_allclose(bulyan(x, ONES(n), f).numpy(), theirs, atol=1e-6)
 
