@@ -46,6 +46,10 @@ def _exact_rows(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tens
     """Squared distances from `rows` (None: all) to every row, float64; a row's distance to itself is 0."""
     gram, sq = _centred_gram_rows(x, rows)
     own = torch.arange(x.shape[0]) if rows is None else rows
+    # GEMM need not give G_ij and G_ji the same rounding (MKL's edge tiles do not); average them so that d_ij == d_ji
+    # bit for bit and a tie that symmetry makes (two mutual nearest neighbours, when Krum counts one) stays a tie
+    among = gram[:, own]
+    gram[:, own] = (among + among.T) / 2
     dist = (sq[own, None] + sq[None, :] - 2 * gram).clamp_min_(0.0)
     dist[torch.arange(len(own)), own] = 0.0
     return dist

@@ -90,6 +90,20 @@ def test_exact_tie_picks_the_first_row() -> None:
     assert int(krum_select(x, 1, 1)[0]) == int(krum_scores(pairwise_sq_distances(x), 1).argmin()) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mutual_nearest_neighbours_tie_and_krum_takes_the_first(dtype: torch.dtype) -> None:
+    # n = 5, f = 2: Krum counts one neighbour, so two mutual nearest neighbours have the same score, d_14 = d_41.
+    # Row 4 falls in GEMM's edge tile, which rounded G_14 and G_41 differently and broke the tie at random.
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, 4810, generator=g) * 0.01 + torch.randn(5, 4810, generator=g) * 0.003
+        x[4] = x[1] + 0.002 * torch.randn(4810, generator=g)
+        x = x.to(dtype)
+        dist = pairwise_sq_distances(x)
+        assert bool((dist == dist.T).all())
+        assert int(krum_select(x, 2, 1)[0]) == 1
+
+
 def test_float32_route_stands_down_where_its_bound_does_not_hold() -> None:
     x = torch.randn(10, 400, generator=torch.Generator().manual_seed(2))
     assert _float32_bounds(x.double()) is None
