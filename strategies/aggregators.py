@@ -227,6 +227,7 @@ AGGREGATORS: dict[str, Callable[..., torch.Tensor]] = {
 # rules that restart from the previous round's aggregate
 STATEFUL = {"centered_clip"}
 
+
 def check_aggregator(options: Mapping[str, Any], clients_per_round: int, num_malicious: int) -> None:
     """Raise ValueError, naming the fix, when the rule cannot run on `clients_per_round` updates with f given."""
     if options["name"] in MIN_UPDATES:
