@@ -123,11 +123,11 @@ def main() -> None:
                 ref, ratio = f"{t_ref:.3f}", f"{t_ref / t_ours:.1f}x"
             print(f"{name:<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{ref:>11}{ratio:>10}{mem:>15.2f}x", flush=True)
         krum_ref = flower_seconds["krum"]
-        rows = stack.numpy().T  # d x n, Fortran-ordered: ssyrk's A^T A is the n x n Gram matrix, with no copy
+        transposed = stack.numpy().T  # d x n, Fortran-ordered: ssyrk's A^T A is the n x n Gram matrix, with no copy
         grams = {
             "x @ x.T f32": lambda: stack @ stack.T,
             "half blocks": lambda: _half_block_gram(stack),
-            "ssyrk f32": lambda: ssyrk(1.0, rows, trans=1),
+            "ssyrk f32": lambda: ssyrk(1.0, transposed, trans=1),
         }
         for label, gram in grams.items():
             t_gram = _best(gram, repeats)
