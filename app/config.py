@@ -72,11 +72,13 @@ def validate(cfg: DictConfig) -> None:
     from app.methods import METHODS
     from app.models import MODELS
     from strategies.aggregators import AGGREGATORS, check_aggregator
+    from strategies.sampling import SAMPLING
 
     _check(cfg, "seed", _int(0), "an integer >= 0")
     _check(cfg, "num_clients", _int(2), "an integer >= 2")
     _check(cfg, "num_rounds", _int(1), "an integer >= 1")
     _check(cfg, "clients_per_round", _int(1, cfg.num_clients), f"an integer from 1 to num_clients={cfg.num_clients}")
+    _check(cfg, "sampling", lambda v: v in SAMPLING, " or ".join(SAMPLING))
     _check(cfg, "local_steps", _int(1), "an integer >= 1")
     _check(cfg, "batch_size", _int(1), "an integer >= 1")
     _check(cfg, "lr", _real(0, lo_open=True), "a number > 0")
@@ -164,7 +166,9 @@ def validate(cfg: DictConfig) -> None:
                 "a number >= 0 (0: local training; large: close to the global model) or auto"),
         "strong_attack": (lambda v: isinstance(v, bool), "true or false"),
         "val_fraction": (_real(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
-        "steps": (_int(0), "an integer >= 0"),
+        "val_split": (lambda v: v in ("last", "random"), "last (official) or random"),
+        "steps": (lambda v: v is None or _int(0)(v), "null (the official budget) or an integer >= 0"),
+        "finetune_iters": (_int(0), "an integer >= 0"),
         "q": (_real(0), "a number >= 0 (0: the plain mean)"),
         "alpha": (_real(0, 1), "a number in [0, 1]"),
     }

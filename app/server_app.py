@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from app.attacks import aggregator_f, attackers, threat_model
 from app.config import check_flwr_run, config_from_overrides
 from app.data import load_federation
+from app.ditto import validation_size
 from app.methods import METHODS
 from app.models import build_model, get_weights
 from app.persistence import Checkpoint, load_checkpoint, save_checkpoint
@@ -125,6 +126,11 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
     model = build_model(cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed)
     malicious = attackers(cfg)
     f = aggregator_f(cfg)
+    sizes = None
+    if cfg.sampling == "size":  # the devices' training counts, as each client trains on them (after lam auto's hold-out)
+        auto = cfg.method.get("lam") == "auto"
+        sizes = [len(d.y_train) - (validation_size(len(d.y_train), float(cfg.method.val_fraction)) if auto else 0)
+                 for d in federation.devices]
     recorder = RunRecorder(cfg, malicious, out_dir)
     strategy = RobustStrategy(
         initial_parameters=ndarrays_to_parameters(get_weights(model)),
@@ -141,6 +147,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         malicious=malicious,
         checkpoint_every=cfg.checkpoint_every,
         max_update_norm=None if cfg.max_update_norm is None else float(cfg.max_update_norm),
+        sample_sizes=sizes,
     )
     return ServerAppComponents(server=ResultsServer(strategy, recorder, cfg),
                                config=ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from logging import INFO, WARNING
 from typing import Any
@@ -82,7 +82,9 @@ class RobustStrategy(Strategy):
     """Sample `clients_per_round` devices per round, validate their updates, aggregate with `aggregate`.
 
     Devices are addressed by partition id (asked once from each node through `get_properties`), so which devices a
-    round samples depends only on (seed, round), in simulation and in deployment alike. Every `eval_every` rounds and
+    round samples depends only on (seed, round), in simulation and in deployment alike: uniformly, or with
+    `sample_sizes` (the devices' training sample counts, known to the server from the config) in proportion to n_k,
+    as the official code (strategies/sampling.py). Every `eval_every` rounds and
     after the last round, every device evaluates; `evaluate_metrics_fn(round, rows)` turns their metrics (one dict per
     device, sorted by partition id) into the round's metrics. `rounds` keeps one entry per round.
 
@@ -113,6 +115,7 @@ class RobustStrategy(Strategy):
         connect_timeout: float = 300.0,
         checkpoint_every: int = 0,
         max_update_norm: float | None = None,
+        sample_sizes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.initial_parameters = initial_parameters
@@ -130,6 +133,7 @@ class RobustStrategy(Strategy):
         self.connect_timeout = connect_timeout
         self.checkpoint_every = checkpoint_every
         self.max_update_norm = max_update_norm
+        self.sample_sizes = None if sample_sizes is None else tuple(int(n) for n in sample_sizes)
         self.rounds: list[dict[str, Any]] = []
         self._partition_of: dict[str, int] = {}
         self._identified: set[int] = set()  # partition ids seen so far
@@ -205,7 +209,7 @@ class RobustStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._global = parameters_to_ndarrays(parameters)
         devices = self._devices(client_manager)
-        chosen = sample_devices(self.seed, server_round, self.num_clients, self.clients_per_round)
+        chosen = sample_devices(self.seed, server_round, self.num_clients, self.clients_per_round, self.sample_sizes)
         config: dict[str, Scalar] = {"server_round": server_round}
         if self.checkpoint_every > 0:
             config["checkpoint_round"] = (server_round - 1) // self.checkpoint_every * self.checkpoint_every

@@ -4,13 +4,31 @@ benchmarks/overhead.py follow the same schedule."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+SAMPLING = ("size", "uniform")
 
-def sample_devices(seed: int, server_round: int, num_clients: int, clients_per_round: int) -> list[int]:
-    """`clients_per_round` distinct partition ids of 0..num_clients-1, drawn uniformly from (seed, round), sorted."""
+
+def sample_devices(
+    seed: int, server_round: int, num_clients: int, clients_per_round: int, sizes: Sequence[int] | None = None
+) -> list[int]:
+    """`clients_per_round` distinct partition ids of 0..num_clients-1 drawn from (seed, round), sorted.
+
+    Without `sizes`, uniformly. With `sizes` (each device's training sample count), with probability proportional to
+    n_k, without replacement: the official `select_clients` with sampling=2 (litian96/ditto
+    flearn/trainers_MTL/fedbase.py lines 115-122, `np.random.choice(..., replace=False, p=n_k / sum n)`, which draws
+    one device at a time from the renormalised probabilities of those not yet drawn). The official code reseeds with
+    `round + 4` alone; here the stream is (seed, round), so seeds differ in their sampling too."""
     rng = np.random.default_rng([seed, server_round])
-    return sorted(rng.choice(num_clients, size=clients_per_round, replace=False).tolist())
+    if sizes is None:
+        return sorted(rng.choice(num_clients, size=clients_per_round, replace=False).tolist())
+    n = np.asarray(sizes, dtype=np.float64)
+    if n.shape != (num_clients,) or not np.all(n > 0):
+        raise ValueError(f"sampling=size needs a positive training sample count for each of the {num_clients} "
+                         f"devices; got {n.shape[0] if n.ndim == 1 else n.shape} counts, smallest {n.min(initial=0):g}")
+    return sorted(rng.choice(num_clients, size=clients_per_round, replace=False, p=n / n.sum()).tolist())
 
 
 def evaluates(server_round: int, eval_every: int, num_rounds: int) -> bool:
