@@ -4,8 +4,9 @@
 - `local`: the personal step with lam = 0 and no global step: each device trains only its own model and sends a
   zero update (w never moves). The same personal models as `ditto` with lam = 0, at no cost of global training.
 - `global`: the global model alone.
-- `finetune`: the global model, fine-tuned on each device's training data for `method.steps` SGD steps before each
-  evaluation (the official code's fine-tuning baseline, 40 steps); the fine-tuned copy is not kept.
+- `finetune`: the global model, fine-tuned on each device's training data before each evaluation for the official
+  budget of max(int(40 n_k / B), 40) SGD steps (`method.finetune_iters`; `method.steps` fixes a count instead);
+  the fine-tuned copy is not kept.
 - `qffl`, `tilted`: fair global solvers; the server rescales the round's updates by the devices' losses
   (strategies/fair.py) before the aggregator.
 - `apfl`: Adaptive Personalized FL (Deng, Kamani, Mahdavi 2020), fixed mixing weight alpha: the device keeps v and
@@ -47,11 +48,10 @@ METHODS: dict[str, Method] = {
 
 @torch.no_grad()
 def mix_into(target: nn.Module, personal: nn.Module, global_model: nn.Module, alpha: float) -> nn.Module:
-    """target <- alpha * personal + (1 - alpha) * global, over all floating-point state (parameters and buffers)."""
-    for t, v, w in zip(target.state_dict().values(), personal.state_dict().values(),
-                       global_model.state_dict().values()):
-        if t.is_floating_point():
-            t.copy_(alpha * v + (1.0 - alpha) * w)
+    """target <- alpha * personal + (1 - alpha) * global, over the trainable parameters (the whole state of every
+    registry model: none keeps running statistics, see app/models.py)."""
+    for t, v, w in zip(target.parameters(), personal.parameters(), global_model.parameters()):
+        t.copy_(alpha * v + (1.0 - alpha) * w)
     return target
 
 

@@ -103,9 +103,11 @@ def _cnn_small(shape: Shape, num_classes: int) -> nn.Module:
 
 
 def _cnn_femnist(shape: Shape, num_classes: int) -> nn.Module:
-    """conv 5x5 16 -> pool -> conv 5x5 32 -> pool -> dense 128 -> classes, dropout before the last layer."""
+    """conv 5x5 16 -> pool -> conv 5x5 32 -> pool -> dropout 0.25 -> dense 128 -> dropout 0.5 -> classes, as the
+    official model (litian96/ditto flearn/models/femnist/cnn.py lines 40-58: keep_prob 0.75 after the second pool,
+    0.5 after the dense layer)."""
     body = nn.Sequential(nn.Conv2d(shape[0], 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+                         nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25))
     return _conv_stack(shape, body, lambda n: [nn.Linear(n, 128), nn.ReLU(), nn.Dropout(0.5),
                                                nn.Linear(128, num_classes)])
 
@@ -126,11 +128,16 @@ def _cnn_cifar(shape: Shape, num_classes: int) -> nn.Module:
 
 
 def _cnn_celeba(shape: Shape, num_classes: int) -> nn.Module:
-    """4 x [conv 3x3 32, batch norm, max pool 2, ReLU] -> dense -> classes (LEAF's CelebA model)."""
+    """4 x [conv 3x3 32, batch norm, max pool 2, ReLU] -> dense -> classes, as the official (LEAF) model
+    (litian96/ditto flearn/models/celeba/cnn.py lines 43-49). Its batch norm runs with `training=True` in training
+    and evaluation alike, so it normalises by the batch's own statistics and keeps no running statistics: here
+    `track_running_stats=False`, and the model has no buffers (nothing outside the trainable parameters to exchange,
+    attack or mix). Its pooling pads `same`: ceil_mode, 84 -> 42 -> 21 -> 11 -> 6, a 6x6x32 flatten."""
     layers: list[nn.Module] = []
     channels = shape[0]
     for _ in range(4):
-        layers += [nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.MaxPool2d(2), nn.ReLU()]
+        layers += [nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32, track_running_stats=False),
+                   nn.MaxPool2d(2, ceil_mode=True), nn.ReLU()]
         channels = 32
     return _conv_stack(shape, nn.Sequential(*layers), lambda n: [nn.Linear(n, num_classes)])
 
@@ -176,15 +183,17 @@ def build_model(name: str, input_shape: Shape, num_classes: int, seed: int) -> n
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:
-    """The model's floating-point state (parameters and float buffers), in state_dict order: what is federated."""
-    return [t.detach().cpu().numpy().copy() for t in model.state_dict().values() if t.is_floating_point()]
+    """The model's trainable parameters, in registration order: what is federated. The official code exchanges
+    trainable variables only (`tf.trainable_variables()`, e.g. litian96/ditto flearn/models/vehicle/svm.py lines
+    49-59); buffers, where a model has any, stay on the device."""
+    return [p.detach().cpu().numpy().copy() for p in model.parameters()]
 
 
 def set_weights(model: nn.Module, arrays: list[np.ndarray]) -> None:
     """Load arrays produced by `get_weights` (of a model of the same architecture)."""
-    targets = [t for t in model.state_dict().values() if t.is_floating_point()]
+    targets = list(model.parameters())
     if len(targets) != len(arrays):
-        raise ValueError(f"got {len(arrays)} arrays for a model with {len(targets)} floating-point tensors")
+        raise ValueError(f"got {len(arrays)} arrays for a model with {len(targets)} trainable parameters")
     with torch.no_grad():
         for t, a in zip(targets, arrays):
             t.copy_(torch.from_numpy(np.asarray(a)).reshape(t.shape))

@@ -3,12 +3,14 @@ lowers the loss on a tiny batch. The SVM objective against its formula."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from app.ditto import sgd_step
-from app.models import MODELS, build_model, hinge, objective, predictions
+from app.attacks import gaussian_update, scale_update
+from app.models import MODELS, build_model, get_weights, hinge, objective, predictions, set_weights
 
 
 def _conv(cin: int, cout: int, k: int) -> int:
@@ -31,8 +33,8 @@ CASES = [
     # 32 -conv3-> 30 -pool-> 15 -conv3-> 13 -pool-> 6 -conv3-> 4
     ("cnn_cifar", (3, 32, 32), 10, _conv(3, 32, 3) + _conv(32, 64, 3) + _conv(64, 64, 3) + _dense(64 * 4 * 4, 64)
      + _dense(64, 10)),
-    # 84 -> 42 -> 21 -> 10 -> 5; batch norm adds 2 x 32 parameters per block
-    ("cnn_celeba", (3, 84, 84), 2, _conv(3, 32, 3) + 3 * _conv(32, 32, 3) + 4 * 64 + _dense(32 * 5 * 5, 2)),
+    # pooling padded `same` as the official model: 84 -> 42 -> 21 -> 11 -> 6; batch norm adds 2 x 32 per block
+    ("cnn_celeba", (3, 84, 84), 2, _conv(3, 32, 3) + 3 * _conv(32, 32, 3) + 4 * 64 + _dense(32 * 6 * 6, 2)),
     ("mean", (1,), 5, 5),  # the point estimate: one vector of the target's dimension
 ]
 
@@ -87,3 +89,45 @@ def test_svm_hinge_objective_and_sign_prediction() -> None:
 def test_svm_refuses_a_multiclass_dataset() -> None:
     with pytest.raises(ValueError, match="model svm is binary"):
         build_model("svm", (10,), 10, seed=0)
+
+
+@pytest.mark.parametrize(("name", "shape", "classes"), [c[:3] for c in CASES], ids=[c[0] for c in CASES])
+def test_what_is_federated_is_the_trainable_parameters_and_no_model_keeps_buffers(name, shape, classes) -> None:
+    """The official code exchanges trainable variables only; with no buffers in any model, the parameters are the
+    model's whole state, so nothing untrained (BatchNorm running statistics) travels, is attacked or is mixed."""
+    model = build_model(name, shape, classes, seed=0)
+    assert [tuple(a.shape) for a in get_weights(model)] == [tuple(p.shape) for p in model.parameters()]
+    assert [b for b in model.buffers() if b.is_floating_point()] == []
+
+
+def test_celeba_batch_norm_normalises_by_the_batch_in_evaluation_too() -> None:
+    """Official `batch_normalization(training=True)`: an example's output depends on its batch, in eval mode too;
+    with running statistics (the old model) eval-mode outputs would be per-example."""
+    model = build_model("cnn_celeba", (3, 84, 84), 2, seed=0).eval()
+    x = torch.randn(6, 3, 84, 84, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone, together = model(x[:3]), model(x)[:3]
+    assert not torch.allclose(alone, together)
+
+
+def test_femnist_drops_out_after_the_second_pool_as_the_official_model() -> None:
+    model = build_model("cnn_femnist", (1, 28, 28), 62, seed=0)
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates == [0.25, 0.5]  # keep_prob 0.75 after pool 2, 0.5 after the dense layer
+    kinds = [type(m).__name__ for m in model]
+    assert kinds.index("Dropout") == kinds.index("Flatten") - 1  # on the pooled maps, before the dense layer
+
+
+@pytest.mark.parametrize("attack", ["gaussian", "boost"])
+def test_a2_and_a3_updates_on_the_celeba_model_never_make_it_nan(attack: str) -> None:
+    """A Gaussian (A2) or boosted (A3) update applied to the CelebA model: it evaluates to finite outputs (with
+    running statistics in the update, a negative running variance gave NaN)."""
+    model = build_model("cnn_celeba", (3, 84, 84), 2, seed=0)
+    rng = np.random.default_rng(0)
+    w0 = get_weights(model)
+    true_update = [rng.normal(0, 0.5, size=w.shape).astype(w.dtype) for w in w0]
+    update = gaussian_update(true_update, rng) if attack == "gaussian" else scale_update(true_update, 10.0)
+    set_weights(model, [w + u for w, u in zip(w0, update)])
+    with torch.no_grad():
+        out = model.eval()(torch.rand(4, 3, 84, 84, generator=torch.Generator().manual_seed(1)) * 255)
+    assert torch.isfinite(out).all()
