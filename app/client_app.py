@@ -26,7 +26,6 @@ from app.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
 # lam auto (the paper): the grid and the fixed lam for devices with too little validation data, by attack strength
 LAM_GRID = {True: (0.05, 0.1, 0.2), False: (0.1, 1.0, 2.0)}
 LAM_FIXED = {True: 0.1, False: 1.0}
-MIN_VALIDATION = 4
 
 
 class DittoClient(NumPyClient):
@@ -59,14 +58,18 @@ class DittoClient(NumPyClient):
         return poison_labels(y, self.num_classes, self._generator(0, 1))
 
     def _hold_out_validation(self, x: torch.Tensor, y: torch.Tensor):  # -> (x_train, y_train, lam)
-        """lam auto: a seeded validation split of the training data, taken before any label corruption; devices
-        with fewer than MIN_VALIDATION validation samples keep all their data and the fixed lam."""
+        """lam auto: the validation split of the training data (ditto.validation_size), taken before any label
+        corruption, as the official client: the last samples (`method.val_split=last`, official) or a seeded random
+        subset (`random`). Devices with too little data keep all of it and the fixed lam."""
         strong = bool(self.cfg.method.strong_attack)
-        perm = torch.randperm(len(y), generator=self._generator(0, 5))
-        n_val = round(float(self.cfg.method.val_fraction) * len(y))
-        if n_val < MIN_VALIDATION or n_val >= len(y):
+        n_val = ditto.validation_size(len(y), float(self.cfg.method.val_fraction))
+        if n_val == 0:
             return x, y, LAM_FIXED[strong]
-        val, train = perm[:n_val], perm[n_val:]
+        if self.cfg.method.val_split == "last":
+            order = torch.arange(len(y))
+        else:
+            order = torch.randperm(len(y), generator=self._generator(0, 5))
+        train, val = order[: len(y) - n_val], order[len(y) - n_val :]
         return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
 
     def _personal_model(self, state: DeviceState | None) -> torch.nn.Module:
@@ -129,6 +132,15 @@ class DittoClient(NumPyClient):
             update = attack_update(self.cfg.attack, update, rng, self.cfg.clients_per_round)
         return update, len(self.y_train), metrics
 
+    def _finetune_steps(self) -> int:
+        """`method.steps`, or (null) the official budget max(int(finetune_iters * n_k / B), finetune_iters)
+        (litian96/ditto flearn/trainers_global/finetuning.py line 134)."""
+        steps = self.cfg.method.get("steps")
+        if steps is not None:
+            return int(steps)
+        iters = int(self.cfg.method.finetune_iters)
+        return max(int(iters * len(self.y_train) / self.cfg.batch_size), iters)
+
     def _evaluated_personal(self, global_model: torch.nn.Module, server_round: int,
                             stored: DeviceState | None) -> torch.nn.Module:
         if self.method.evaluates == "mix":
@@ -136,7 +148,7 @@ class DittoClient(NumPyClient):
         if self.method.evaluates == "finetune":
             tuned = self._build()
             set_weights(tuned, get_weights(global_model))
-            ditto.local_round(tuned, None, self.x_train, self.y_train, steps=int(self.cfg.method.steps),
+            ditto.local_round(tuned, None, self.x_train, self.y_train, steps=self._finetune_steps(),
                               batch_size=self.cfg.batch_size, lr=float(self.cfg.lr), lam=0.0,
                               loss_fn=self.objective, generator=self._generator(server_round, 4))
             return tuned

@@ -68,6 +68,18 @@ def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator)
         pos += batch_size
 
 
+MIN_VALIDATION = 4  # lam auto: a device with fewer validation samples keeps all its data and a fixed lam
+
+
+def validation_size(n: int, val_fraction: float) -> int:
+    """lam auto: how many of a device's n training samples are held out for validation. The official client keeps
+    the first int(0.9 n) for training and validates on the rest (litian96/ditto flearn/models/client.py lines
+    12-16, val_fraction = 0.1); 0 when that leaves fewer than MIN_VALIDATION validation samples or no training
+    sample (the official code has no such guard: it would validate on an empty set)."""
+    n_val = n - int((1.0 - val_fraction) * n)
+    return n_val if MIN_VALIDATION <= n_val < n else 0
+
+
 @dataclass(frozen=True)
 class LamSearch:
     """Per-step choice of lam among `grid` by the loss on a held-out validation split (x_val, y_val)."""

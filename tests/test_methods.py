@@ -165,7 +165,7 @@ def test_auto_lam_on_a_device_reports_its_choice_and_small_devices_keep_the_fixe
     _, _, metrics = client.evaluate(params, {"server_round": 1})
     assert metrics["lam"] in LAM_GRID[False]
     strong = DittoClient(compose_config(["num_clients=6", "method.lam=auto", "method.strong_attack=true",
-                                         "method.val_fraction=0.01", "attack=none"]), 0, MemoryStore(RecordDict()))
+                                         "method.val_fraction=0.005", "attack=none"]), 0, MemoryStore(RecordDict()))
     assert strong.lam == LAM_FIXED[True], "fewer than 4 validation samples: the fixed lam of a strong attack"
 
 
