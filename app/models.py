@@ -40,8 +40,14 @@ def half_mse(model: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tens
 
 
 def predictions(out: torch.Tensor) -> torch.Tensor:
-    """Class indices from a model's output: argmax over classes, or the sign of a single score (SVM: s > 0 is 1)."""
-    return out.argmax(dim=1) if out.shape[1] > 1 else (out[:, 0] > 0).long()
+    """Class indices from a model's output: argmax over classes, or the sign of a single score (SVM: s > 0 is 1,
+    s < 0 is 0). A score of exactly 0 predicts -1, which matches no label: the official model counts
+    `labels == sign(s)` with labels +-1 (litian96/ditto flearn/models/vehicle/svm.py line 46), so a zero score is
+    never correct (the all-zero initial SVM scores 0 %, not the share of the -1 class)."""
+    if out.shape[1] > 1:
+        return out.argmax(dim=1)
+    score = out[:, 0]
+    return torch.where(score > 0, 1, torch.where(score < 0, 0, -1))
 
 
 class LinearSVM(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from app.ditto import sgd_step
+from app.ditto import evaluate, sgd_step
 from app.attacks import gaussian_update, scale_update
 from app.models import MODELS, build_model, get_weights, hinge, objective, predictions, set_weights
 
@@ -131,3 +131,13 @@ def test_a2_and_a3_updates_on_the_celeba_model_never_make_it_nan(attack: str) ->
     with torch.no_grad():
         out = model.eval()(torch.rand(4, 3, 84, 84, generator=torch.Generator().manual_seed(1)) * 255)
     assert torch.isfinite(out).all()
+
+
+def test_a_zero_svm_score_is_never_a_correct_prediction_as_in_the_official_count() -> None:
+    """Official: tf.equal(labels, tf.sign(s)) with labels +-1, so sign(0) = 0 matches neither class."""
+    out = torch.tensor([[0.0], [0.0], [2.0], [-1.0]])
+    assert predictions(out).tolist() == [-1, -1, 1, 0]
+    model = build_model("svm", (3,), 2, seed=0)  # zero weights and bias, as the official initialisation
+    loss_fn = objective(OmegaConf.create({"model": "svm", "l2": 0.01}))
+    correct, _ = evaluate(model, torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1]), loss_fn)
+    assert correct == 0
