@@ -195,9 +195,8 @@ def split_pool(labels: np.ndarray, num_classes: int, dataset: DictConfig, num_cl
     for pool, mask in (("training pool", ~is_test), ("test pool", is_test)):
         require_split_classes(labels[mask], num_classes, str(dataset.name), pool)
     partition_seed = dataset.get("partition_seed")
-    train, test = consecutive_partition(labels, is_test, num_clients, int(dataset.classes_per_client),
-                                        seed if partition_seed is None else int(partition_seed))
-    return train, test
+    return consecutive_partition(labels, is_test, num_clients, int(dataset.classes_per_client),
+                                 seed if partition_seed is None else int(partition_seed))
 
 
 def choose_devices(ids: Sequence, num_clients: int, seed: int, what: str) -> list:
@@ -253,7 +252,7 @@ def standardize_device(x: np.ndarray) -> np.ndarray:
     (data/vehicle/create_dataset.py:12-19)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (x - x.mean(axis=0)) / x.std(axis=0)
-    return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.where(np.isnan(z), 0.0, z)
 
 
 def _vehicle(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
