@@ -108,6 +108,9 @@ def validate(cfg: DictConfig) -> None:
         "image_size": (_int(8), "an integer >= 8"),
         "path": (lambda v: v is None or isinstance(v, str), "null (the hub) or a folder"),
         "data_dir": (lambda v: v is None or isinstance(v, str), "a folder"),
+        "partition_seed": (lambda v: v is None or _int(0)(v), "null (the run's seed) or an integer >= 0"),
+        "preprocess": (lambda v: v in ("none", "standardize"), "none or standardize"),
+        "pixels": (lambda v: v in ("raw", "unit"), "raw (0-255) or unit ([0, 1])"),
     }
     for option, (ok, allowed) in dataset_options.items():
         if option in cfg.dataset:

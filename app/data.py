@@ -13,13 +13,15 @@ device's share into train and test. Sources:
 Hub-backed datasets read `dataset.path` instead of the hub when it is set: a folder written by `save_to_disk`, or a
 folder of raw data files that `datasets.load_dataset` reads (parquet, arrow, csv, imagefolder).
 Partitioners (`dataset.partitioner`): `dirichlet` (label skew, `alpha`), `pathological` (`classes_per_client`
-classes per device), `iid`, `consecutive` (the paper's Fashion-MNIST scheme), over the dataset shuffled by the seed.
+classes per device), `iid` (these over the dataset shuffled by the seed), `consecutive` (the paper's Fashion-MNIST
+scheme, drawn from `dataset.partition_seed`, else the seed).
+Every loader checks what it reads (app/data_checks.py, docs/datasets.md). "Official" cites litian96/ditto at commit
+26d9b29 (file:line).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from app.data_checks import (DataError, check_binary, check_classes, check_columns, column_values, decode_images,
+                             read_leaf, require_split_classes)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -87,29 +92,65 @@ class Pool:
 PARTITIONERS = ("consecutive", "dirichlet", "iid", "pathological")
 
 
-def consecutive_classes(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int) -> list[np.ndarray]:
-    """The paper's Fashion-MNIST partition: device k holds classes k, k+1, ... (mod C), `classes_per_client` of them,
-    with lognormal(3, 1) + 10 device sizes scaled to the dataset and lognormal(1, 1) class proportions. Each class is
-    dealt out without replacement (the official script wraps around and reuses samples; here a device whose class ran
-    out gets fewer)."""
-    rng = np.random.default_rng([seed, 0xC1A55])
-    classes = np.unique(labels)
-    pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
-    taken = dict.fromkeys(classes.tolist(), 0)
+def consecutive_shares(num_clients: int, classes_per_client: int, total: int, seed: int) -> np.ndarray:
+    """(num_clients, classes_per_client): how many examples device k is meant to hold of its j-th class, drawn as the
+    official Fashion-MNIST script does (data/fmnist/create_dataset.py:82-94): device sizes
+    lognormal(3, 1) + 10 scaled to `total`, then per device lognormal(1, 1) class proportions, from one legacy
+    RandomState(seed) stream (the script's np.random.seed(233) at line 82)."""
+    rng = np.random.RandomState(seed)
     sizes = rng.lognormal(3, 1, num_clients) + 10
-    sizes = sizes / sizes.sum() * len(labels)
-    parts = []
+    sizes = total * sizes / sum(sizes)  # Python's sum, as the script (line 84): the same rounding
+    shares = np.empty((num_clients, classes_per_client))
     for k in range(num_clients):
         props = rng.lognormal(1, 1, classes_per_client)
-        props /= props.sum()
+        shares[k] = props / sum(props) * sizes[k]
+    return shares
+
+
+def deal_consecutive(labels: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """Device k gets counts[k, j] indices of class (k + j) mod C: the next ones of that class in `labels` order; a
+    class with too few left starts again from its first example, so devices may share examples (the official
+    wrap-around, data/fmnist/create_dataset.py:97-109). Every device gets every one of its classes."""
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    nxt = np.zeros(len(classes), dtype=np.int64)
+    parts = []
+    for k, row in enumerate(counts):
         mine = []
-        for j in range(classes_per_client):
-            c = classes[(k + j) % len(classes)].item()
-            n = int(props[j] * sizes[k]) + 1
-            mine.append(pools[c][taken[c] : taken[c] + n])
-            taken[c] += len(mine[-1])
+        for j, n in enumerate(row.tolist()):
+            c = (k + j) % len(classes)
+            if nxt[c] + n > len(members[c]):
+                nxt[c] = 0
+            mine.append(members[c][nxt[c] : nxt[c] + n])
+            nxt[c] += n
         parts.append(np.concatenate(mine))
     return parts
+
+
+def consecutive_partition(
+    labels: np.ndarray, is_test: np.ndarray, num_clients: int, classes_per_client: int, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The paper's Fashion-MNIST partition, as the official script builds it: device k holds classes k, k+1, ...
+    (mod C), `classes_per_client` of them, int(share) + 1 training examples of each from the training pool
+    (`~is_test`) and int(share / r) + 1 test examples from the test pool, r = training / test pool size (60,000 /
+    10,000 = 6 there, create_dataset.py:94-95), both dealt with wrap-around (`deal_consecutive`). Returns (train,
+    test) indices into `labels` per device."""
+    train_pool, test_pool = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    shares = consecutive_shares(num_clients, classes_per_client, len(train_pool), seed)
+    ratio = len(train_pool) / len(test_pool)
+    train = deal_consecutive(labels[train_pool], shares.astype(np.int64) + 1)
+    test = deal_consecutive(labels[test_pool], (shares / ratio).astype(np.int64) + 1)
+    return [train_pool[p] for p in train], [test_pool[p] for p in test]
+
+
+def test_pool(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """A seeded test pool for a table without a test split: `test_fraction` of each class (a mask over `labels`)."""
+    rng = np.random.default_rng([seed, 0x7E57])
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        mask[members[: max(1, round(test_fraction * len(members)))]] = True
+    return mask
 
 
 def _flwr_partitioner(dataset: DictConfig, num_clients: int, seed: int):  # -> flwr_datasets Partitioner
@@ -130,10 +171,8 @@ def _check_sizes(parts: Sequence[np.ndarray], hint: str) -> list[np.ndarray]:
 
 
 def partition_indices(labels: np.ndarray, dataset: DictConfig, num_clients: int, seed: int) -> list[np.ndarray]:
-    """Indices of `labels` held by each device (disjoint; every device at least 2)."""
-    hint = "use fewer num_clients or another dataset.partitioner/alpha"
-    if dataset.partitioner == "consecutive":
-        return _check_sizes(consecutive_classes(labels, num_clients, int(dataset.classes_per_client), seed), hint)
+    """Indices of `labels` held by each device under a flwr-datasets partitioner (dirichlet, pathological, iid):
+    disjoint, every device at least 2."""
     from datasets import Dataset
 
     order = np.random.default_rng(seed).permutation(len(labels))
@@ -141,7 +180,23 @@ def partition_indices(labels: np.ndarray, dataset: DictConfig, num_clients: int,
     partitioner = _flwr_partitioner(dataset, num_clients, seed)
     partitioner.dataset = table
     return _check_sizes([np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
-                         for i in range(num_clients)], hint)
+                         for i in range(num_clients)], "use fewer num_clients or another dataset.partitioner/alpha")
+
+
+def split_pool(labels: np.ndarray, num_classes: int, dataset: DictConfig, num_clients: int, seed: int,
+               is_test: np.ndarray | None = None) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """(training indices per device, test indices per device, or None when each device is split later). The
+    consecutive partition deals from a training and a test pool: `is_test` (the table's test split) or a seeded
+    `test_fraction` of each class."""
+    if dataset.partitioner != "consecutive":
+        return partition_indices(labels, dataset, num_clients, seed), None
+    if is_test is None:
+        is_test = test_pool(labels, float(dataset.test_fraction), seed)
+    for pool, mask in (("training pool", ~is_test), ("test pool", is_test)):
+        require_split_classes(labels[mask], num_classes, str(dataset.name), pool)
+    partition_seed = dataset.get("partition_seed")
+    return consecutive_partition(labels, is_test, num_clients, int(dataset.classes_per_client),
+                                 seed if partition_seed is None else int(partition_seed))
 
 
 def choose_devices(ids: Sequence, num_clients: int, seed: int, what: str) -> list:
@@ -175,7 +230,7 @@ def _digits(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     y = y.astype(np.int64)
-    return Pool(x, y, 10, partition_indices(y, dataset, num_clients, seed))
+    return Pool(x, y, 10, *split_pool(y, 10, dataset, num_clients, seed))
 
 
 def data_file(dataset: DictConfig, filename: str) -> Path:
@@ -192,15 +247,32 @@ def data_file(dataset: DictConfig, filename: str) -> Path:
     return path
 
 
+def standardize_device(x: np.ndarray) -> np.ndarray:
+    """The official Vehicle preprocessing, per device: (x - mean) / std, then NaN (a constant feature) -> 0
+    (data/vehicle/create_dataset.py:12-19)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (x - x.mean(axis=0)) / x.std(axis=0)
+    return np.where(np.isnan(z), 0.0, z)
+
+
 def _vehicle(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
-    """LEAF JSON {users, user_data: {u: {x, y}}}; labels +-1 become 1/0 (the SVM's sign convention)."""
-    raw = json.loads(data_file(dataset, str(dataset.file)).read_text())
-    users = choose_devices(list(raw["users"]), num_clients, seed, "sensors")
-    xs = [np.asarray(raw["user_data"][u]["x"], dtype=np.float32) for u in users]
-    ys = [(np.asarray(raw["user_data"][u]["y"]).reshape(-1) > 0).astype(np.int64) for u in users]
+    """LEAF JSON {users, user_data: {u: {x, y}}}, checked (app/data_checks.read_leaf); labels +-1 become 1/0 (the
+    SVM's sign convention). Features are used as stored (`preprocess: none`): the official file is already
+    standardised per sensor by the official script; `preprocess: standardize` applies that step here."""
+    path = data_file(dataset, str(dataset.file))
+    users = read_leaf(path, str(dataset.name), int(dataset.num_features), (-1, 1))
+    chosen = choose_devices(list(users), num_clients, seed, "sensors")
+    xs = [users[u][0] for u in chosen]
+    if dataset.get("preprocess", "none") == "standardize":
+        xs = [standardize_device(x) for x in xs]
+    ys = [(users[u][1] > 0).astype(np.int64) for u in chosen]
+    small = [u for u, y in zip(chosen, ys) if len(y) < 2]
+    if small:
+        raise DataError(f"dataset '{dataset.name}', file {path}, devices {small}: fewer than 2 samples, expected at "
+                        "least 2 (one to train on, one to test on).")
     bounds = np.cumsum([0, *map(len, ys)])
     parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    return Pool(np.concatenate(xs), np.concatenate(ys), 2, _check_sizes(parts, "this sensor has too little data"))
+    return Pool(np.concatenate(xs).astype(np.float32), np.concatenate(ys), 2, parts)
 
 
 def _synthetic(dataset: DictConfig, num_clients: int, seed: int) -> Federation:
@@ -243,12 +315,14 @@ def _gaussian_mean(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
                 [s + np.arange(n) for s in starts], [s + n + np.arange(n_test) for s in starts])
 
 
-def hf_table(dataset: DictConfig):  # -> datasets.Dataset
-    """The dataset as one Hugging Face table, all splits in split-name order: from `dataset.path` when it is set,
-    else from the hub (`dataset.hub_id`)."""
-    from datasets import DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+def hf_splits(dataset: DictConfig, required: Mapping[str, str]) -> tuple[dict, str]:
+    """The dataset's splits {name: datasets.Dataset} from `dataset.path` when it is set, else from the hub
+    (`dataset.hub_id`), each checked to have the `required` columns (app/data_checks.check_columns); and the source,
+    as error messages name it."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
 
     path = dataset.get("path")
+    source = f"dataset.path={path}" if path else f"the Hugging Face hub ('{dataset.hub_id}')"
     fetch = f"python -c \"import datasets; datasets.load_dataset('{dataset.hub_id}').save_to_disk('DIR')\""
     try:
         if path:
@@ -260,70 +334,96 @@ def hf_table(dataset: DictConfig):  # -> datasets.Dataset
         else:
             table = load_dataset(str(dataset.hub_id))
     except Exception as err:  # network, missing files, unreadable folder: all end in the same advice
-        source = f"dataset.path={path}" if path else f"the Hugging Face hub ('{dataset.hub_id}')"
         raise DataUnavailable(
             f"dataset '{dataset.name}': cannot load from {source} ({type(err).__name__}: {err}). Where the hub is "
             f"reachable, leave dataset.path=null; otherwise download it on a machine with internet ({fetch}), copy "
             f"DIR here and set dataset.path=DIR"
         ) from err
-    if isinstance(table, DatasetDict):
-        table = concatenate_datasets([table[split] for split in sorted(table)])
-    return table
+    splits = dict(table) if isinstance(table, DatasetDict) else {"train": table}
+    for name, split in splits.items():
+        check_columns(split, str(dataset.name), f"{source}, split '{name}'", required)
+    return splits, source
 
 
-def images(table, column: str, size: int | None = None) -> np.ndarray:  # table: datasets.Dataset
-    """The image column as float32 (N, C, H, W) in [0, 1], resized to size x size when given."""
-    out = []
-    for image in table[column]:
-        if size is not None:
-            image = image.resize((size, size))
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        out.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-    return np.stack(out)
+def hf_table(dataset: DictConfig, required: Mapping[str, str]) -> tuple:  # -> (datasets.Dataset, source)
+    """The dataset as one checked table, all splits in split-name order, and its source (`hf_splits`)."""
+    from datasets import concatenate_datasets
+
+    splits, source = hf_splits(dataset, required)
+    return concatenate_datasets([splits[name].select_columns(list(required)) for name in sorted(splits)]), source
 
 
-def _natural(dataset: DictConfig, num_clients: int, seed: int, id_column: str, what: str):
-    """The rows of `num_clients` natural devices (seeded subset) and their partition."""
-    table = hf_table(dataset)
-    ids = np.asarray(table[id_column])
+def _natural(dataset: DictConfig, num_clients: int, seed: int, required: Mapping[str, str], what: str):
+    """The rows of `num_clients` natural devices (seeded subset; the id is the `id` column of `required`), their
+    partition, and the table's source."""
+    table, source = hf_table(dataset, required)
+    ids = column_values(table, next(c for c, kind in required.items() if kind == "id"))
     chosen = choose_devices(np.unique(ids).tolist(), num_clients, seed, what)
     rows = np.flatnonzero(np.isin(ids, chosen))
-    return table.select(rows), natural_partition(ids[rows])
+    return table.select(rows), natural_partition(ids[rows]), source
+
+
+def _pixels(x: np.ndarray, dataset: DictConfig) -> np.ndarray:
+    """uint8 (N, H, W[, C]) -> float32 (N, C, H, W): raw 0-255 (`pixels: raw`) or scaled to [0, 1] (`pixels: unit`)."""
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return x.astype(np.float32) / (255.0 if dataset.get("pixels", "unit") == "unit" else 1.0)
 
 
 def _femnist(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
-    """LEAF FEMNIST (columns image 28x28 grayscale, writer_id, character 0..61), one device per writer."""
-    table, parts = _natural(dataset, num_clients, seed, "writer_id", "writers")
-    return Pool(images(table, "image"), np.asarray(table["character"], dtype=np.int64), 62, parts)
+    """LEAF FEMNIST (columns image 28x28 grayscale, writer_id, character 0..61), one device per writer; pixels in
+    [0, 1] as LEAF's preprocessing stores them."""
+    required = {"image": "image", "writer_id": "id", "character": "class"}
+    table, parts, source = _natural(dataset, num_clients, seed, required, "writers")
+    y = check_classes(column_values(table, "character"), 62, str(dataset.name), source, "character")
+    return Pool(_pixels(decode_images(table, "image", str(dataset.name), source, (28, 28), "L"), dataset), y, 62,
+                parts)
 
 
 def _celeba(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
-    """CelebA (columns image, celeb_id, 40 boolean attributes), one device per celebrity, task `dataset.target`."""
-    table, parts = _natural(dataset, num_clients, seed, "celeb_id", "celebrities")
-    y = np.asarray(table[str(dataset.target)]).astype(np.int64)
-    return Pool(images(table, "image", int(dataset.image_size)), y, 2, parts)
+    """CelebA (columns image, celeb_id, 40 boolean attributes), one device per celebrity, task `dataset.target`;
+    images resized to image_size, RGB, raw 0-255 by default as the official loader feeds them
+    (flearn/utils/model_utils.py:59-65)."""
+    target, size = str(dataset.target), int(dataset.image_size)
+    table, parts, source = _natural(dataset, num_clients, seed, {"image": "image", "celeb_id": "id",
+                                                                  target: "binary"}, "celebrities")
+    y = check_binary(column_values(table, target), str(dataset.name), source, target)
+    x = decode_images(table, "image", str(dataset.name), source, (size, size, 3), "RGB", size)
+    return Pool(_pixels(x, dataset), y, 2, parts)
 
 
-def _pooled_images(dataset: DictConfig, num_clients: int, seed: int, column: str, standardize: bool) -> Pool:
-    table = hf_table(dataset)
-    y = np.asarray(table["label"], dtype=np.int64)
-    parts = partition_indices(y, dataset, num_clients, seed)
-    rows = np.concatenate(parts)
-    x = images(table.select(rows), column)
-    if standardize:  # per-pixel, as the official Fashion-MNIST script
-        x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-3)
-    bounds = np.cumsum([0, *map(len, parts)])
-    return Pool(x, y[rows], 10, [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+def _pooled_images(dataset: DictConfig, column: str, shape: tuple[int, ...],
+                   mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All images (uint8, checked to be `shape`) and labels (0..9) of every split, and whether each row is in the
+    table's test split."""
+    splits, source = hf_splits(dataset, {column: "image", "label": "class"})
+    names = sorted(splits)
+    x = np.concatenate([decode_images(splits[n], column, str(dataset.name), f"{source}, split '{n}'", shape, mode)
+                        for n in names])
+    y = np.concatenate([check_classes(column_values(splits[n], "label"), 10, str(dataset.name),
+                                      f"{source}, split '{n}'", "label") for n in names])
+    is_test = np.concatenate([np.full(len(splits[n]), n == "test") for n in names])
+    return x, y, is_test
 
 
 def _fashion_mnist(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
-    """Fashion-MNIST (columns image 28x28 grayscale, label 0..9)."""
-    return _pooled_images(dataset, num_clients, seed, "image", standardize=True)
+    """Fashion-MNIST (columns image 28x28 grayscale, label 0..9). Standardised per pixel with the training split's
+    mean and std on the raw 0-255 scale, (x - mu) / (sigma + 0.001), as the official script
+    (data/fmnist/create_dataset.py:40-45); with no test split in the table, the statistics of the seeded training
+    pool. The consecutive partition takes its test examples from the test split, as the official script."""
+    x, y, is_test = _pooled_images(dataset, "image", (28, 28), "L")
+    if not is_test.any():
+        is_test = test_pool(y, float(dataset.test_fraction), seed)
+    train = x[~is_test].astype(np.float32)
+    mu, sigma = np.mean(train, 0), np.std(train, 0)
+    x = ((x.astype(np.float32) - mu) / (sigma + 0.001))[:, None]
+    return Pool(x, y, 10, *split_pool(y, 10, dataset, num_clients, seed, is_test))
 
 
 def _cifar10(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
-    """CIFAR-10 (columns img 32x32 RGB, label 0..9)."""
-    return _pooled_images(dataset, num_clients, seed, "img", standardize=False)
+    """CIFAR-10 (columns img 32x32 RGB, label 0..9), all splits pooled; pixels in [0, 1]."""
+    x, y, is_test = _pooled_images(dataset, "img", (32, 32, 3), "RGB")
+    return Pool(_pixels(x, dataset), y, 10, *split_pool(y, 10, dataset, num_clients, seed,
+                                                        is_test if is_test.any() else None))
 
 
 # A loader returns every example (a Pool, split per device by load_federation) or, when devices can be built one at a

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.config import check_flwr_run, compose_config
+from app.data import load_federation
 from app.results import format_table
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -94,6 +95,8 @@ def run_flwr(overrides: Sequence[str], output_dir: Path, *, flwr_home: Path | No
     connection of that name in `flwr_home`/config.toml points at (a deployment)."""
     cfg = compose_config(overrides)  # a bad key or value stops here, before anything starts
     check_flwr_run(cfg)
+    if connection is None:  # a local simulation reads the data here: bad data stops before the SuperLink starts
+        load_federation(cfg.dataset, cfg.num_clients, cfg.seed)  # (a deployment's data live on its SuperNodes)
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr").resolve()
     output_dir = output_dir.resolve()
     env = flower_env(flwr_home)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.client_app import make_client_fn
 from app.config import validate
+from app.data import load_federation
 from app.engine import tune
 from app.server_app import make_server_app
 from flwr.client import ClientApp
@@ -42,6 +43,7 @@ def sweep_size(task_overrides: list[str], sweeper_params: dict[str, str]) -> int
 def simulate(cfg: DictConfig, out_dir: Path) -> dict:
     """Run one experiment on Flower's simulation engine; returns its final metrics (results.json's `final`)."""
     validate(cfg)
+    load_federation(cfg.dataset, cfg.num_clients, cfg.seed)  # bad data stops here, before Ray starts (kept: cached)
     tune()
     run_simulation(
         server_app=make_server_app(cfg, out_dir),

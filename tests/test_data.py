@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from app.data import load_federation, partition_indices, split_device
+from app.data import consecutive_partition, load_federation, partition_indices, split_device, split_pool
 
 
 def _dataset(**kw) -> OmegaConf:
@@ -63,3 +63,63 @@ def test_device_split_is_disjoint_complete_and_seeded() -> None:
     assert np.array_equal(test, again[1]) and not np.array_equal(test, split_device(idx, 0.25, seed=0, device=3)[1])
     tiny_train, tiny_test = split_device(np.arange(2), 0.01, seed=0, device=0)
     assert len(tiny_train) == 1 and len(tiny_test) == 1
+
+
+def _official_fmnist(train_labels: np.ndarray, test_labels: np.ndarray, seed: int, users: int = 500):
+    """A line-by-line transcription of the official partition loop on indices (litian96/ditto@26d9b29
+    data/fmnist/create_dataset.py:82-109): the reference the partition must match."""
+    train = [list(np.flatnonzero(train_labels == c)) for c in range(10)]
+    test = [list(np.flatnonzero(test_labels == c)) for c in range(10)]
+    np.random.seed(seed)
+    num_samples = np.random.lognormal(3, 1, users) + 10
+    num_samples = 60000 * num_samples / sum(num_samples)
+    idx_train, idx_test = np.zeros(10, dtype=np.int64), np.zeros(10, dtype=np.int64)
+    out_train, out_test = [[] for _ in range(users)], [[] for _ in range(users)]
+    for user in range(users):
+        props = np.random.lognormal(1, 1, 5)
+        props = props / sum(props)
+        for j in range(5):
+            c = (user + j) % 10
+            n_train, n_test = int(props[j] * num_samples[user]) + 1, int(props[j] * num_samples[user] / 6) + 1
+            if idx_train[c] + n_train > len(train[c]):
+                idx_train[c] = 0
+            if idx_test[c] + n_test > len(test[c]):
+                idx_test[c] = 0
+            out_train[user] += train[c][idx_train[c]: idx_train[c] + n_train]
+            out_test[user] += test[c][idx_test[c]: idx_test[c] + n_test]
+            idx_train[c] += n_train
+            idx_test[c] += n_test
+    return out_train, out_test
+
+
+@pytest.fixture(scope="module")
+def fmnist_labels() -> tuple[np.ndarray, np.ndarray]:
+    """Labels with the real Fashion-MNIST class counts, in a shuffled order: 6,000 per class in the training split,
+    1,000 in the test split (7,000 per class, 70,000 in all)."""
+    rng = np.random.default_rng(7)
+    return rng.permutation(np.repeat(np.arange(10), 6000)), rng.permutation(np.repeat(np.arange(10), 1000))
+
+
+@pytest.mark.parametrize("seed", [0, 4, 233])
+def test_consecutive_partition_is_the_official_script_on_the_real_class_counts(fmnist_labels, seed: int) -> None:
+    train_labels, test_labels = fmnist_labels
+    labels = np.concatenate([train_labels, test_labels])
+    train, test = consecutive_partition(labels, np.arange(70000) >= 60000, 500, 5, seed)
+    want_train, want_test = _official_fmnist(train_labels, test_labels, seed)
+    assert all(np.array_equal(a, b) for a, b in zip(train, want_train))
+    assert all(np.array_equal(a - 60000, b) for a, b in zip(test, want_test))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_consecutive_gives_every_device_its_five_classes_on_70000_pooled_labels(fmnist_labels, seed: int) -> None:
+    """A table without a test split (70,000 pooled labels, 7,000 per class): every device holds exactly its classes
+    k..k+4 (mod 10) on both sides, and no example is both a training and a test example."""
+    labels = np.concatenate(fmnist_labels)
+    cfg = OmegaConf.create({"name": "fashion_mnist", "partitioner": "consecutive", "classes_per_client": 5,
+                            "test_fraction": 0.143, "partition_seed": None})
+    train, test = split_pool(labels, 10, cfg, 500, seed)
+    assert len(train) == len(test) == 500
+    for k, (tr, te) in enumerate(zip(train, test)):
+        mine = {(k + j) % 10 for j in range(5)}
+        assert set(labels[tr].tolist()) == mine == set(labels[te].tolist()), k
+    assert not set(np.concatenate(train).tolist()) & set(np.concatenate(test).tolist())

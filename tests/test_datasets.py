@@ -120,6 +120,11 @@ def test_celeba_natural_partition_resized_and_smiling_task(tmp_path: Path) -> No
     assert sizes == [10] * 6
     positives = sorted(int(d.y_train.sum() + d.y_test.sum()) for d in fed.devices)
     assert positives == sorted(sum(v) for v in smiling.values())
+    # raw 0-255 pixels by default, as the official loader feeds its model; pixels=unit scales to [0, 1]
+    assert 1.0 < max(float(d.x_train.max()) for d in fed.devices) <= 255.0
+    unit = load_federation(_dataset_cfg("celeba", path=str(tmp_path), image_size=16, pixels="unit"), 6, seed=0)
+    assert max(float(d.x_train.max()) for d in unit.devices) <= 1.0
+    assert torch.allclose(unit.devices[0].x_train * 255, fed.devices[0].x_train)
 
 
 @pytest.fixture(scope="module")
@@ -141,25 +146,33 @@ def fashion_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_fashion_mnist_consecutive_classes_and_stratified_test(fashion_copy: Path) -> None:
-    cfg = _dataset_cfg("fashion_mnist", path=str(fashion_copy), test_fraction=0.25)
-    fed = load_federation(cfg, 10, seed=0)
-    assert fed.input_shape == (1, 28, 28) and fed.num_classes == 10 and len(fed.devices) == 10
-    for k, d in enumerate(fed.devices):
-        classes = set(torch.cat([d.y_train, d.y_test]).tolist())
-        assert classes <= {(k + j) % 10 for j in range(5)}, f"device {k} holds classes {classes}"
-        for c in classes:  # stratified: each class split in the test fraction (rounded)
-            n = int((d.y_train == c).sum() + (d.y_test == c).sum())
-            assert int((d.y_test == c).sum()) == round(0.25 * n) or len(d.y_test) == 1
-    # standardised per pixel: ids are not readable, so disjointness is checked on the raw partition
-    from app.data import consecutive_classes
+def test_fashion_mnist_deals_the_official_counts_from_each_split(fashion_copy: Path) -> None:
+    """Device k holds exactly classes k..k+4 (mod 10): int(share) + 1 training examples of each from the training
+    split and int(share / 6) + 1 test examples from the test split (60 / 10 per class here), wrapping around."""
+    from app.data import consecutive_shares
 
-    labels = np.repeat(np.arange(10), 70)
-    parts = consecutive_classes(labels, 10, 5, seed=0)
-    joined = np.concatenate(parts)
-    assert len(joined) == len(set(joined.tolist()))
-    sizes = [len(p) for p in parts]
-    assert max(sizes) > 2 * min(sizes), "device sizes should be lognormal, not equal"
+    fed = load_federation(_dataset_cfg("fashion_mnist", path=str(fashion_copy)), 10, seed=0)
+    assert fed.input_shape == (1, 28, 28) and fed.num_classes == 10 and len(fed.devices) == 10
+    shares = consecutive_shares(10, 5, 600, seed=233)
+    for k, d in enumerate(fed.devices):
+        for j in range(5):
+            c = (k + j) % 10
+            assert int((d.y_train == c).sum()) == min(int(shares[k, j]) + 1, 60), (k, j)
+            assert int((d.y_test == c).sum()) == min(int(shares[k, j] / 6) + 1, 10), (k, j)
+        assert set(torch.cat([d.y_train, d.y_test]).tolist()) == {(k + j) % 10 for j in range(5)}
+
+
+def test_fashion_mnist_is_standardised_with_training_statistics_only(fashion_copy: Path) -> None:
+    """(x - mu) / (sigma + 0.001) per pixel on the raw 0-255 scale, mu and sigma of the training split alone (the
+    official script); every device's test image is its test-split image under those statistics."""
+    splits = datasets.load_from_disk(str(fashion_copy))
+    raw = {n: np.stack([np.asarray(i, dtype=np.float32) for i in splits[n]["image"]]) for n in ("train", "test")}
+    mu, sigma = raw["train"].mean(0), raw["train"].std(0)
+    expected = torch.from_numpy((raw["test"] - mu) / (sigma + 0.001)).reshape(len(raw["test"]), -1)
+    fed = load_federation(_dataset_cfg("fashion_mnist", path=str(fashion_copy)), 10, seed=0)
+    for d in fed.devices[:3]:
+        gaps = (d.x_test.reshape(len(d.x_test), 1, -1) - expected).abs().amax(dim=2).min(dim=1).values
+        assert float(gaps.max()) < 1e-3, "a test image is not its test-split image under training statistics"
 
 
 def test_cifar10_from_raw_parquet_files_with_dirichlet_skew(tmp_path: Path) -> None:
