@@ -294,7 +294,7 @@ def run(out_dir: Path, seeds: tuple[int, ...], points: int, reps: int) -> list[d
     curves = {}
     for name, s in CURVES.items():
         fine, grid = lam_grid(lam_star(s), 65, span=16.0), lam_grid(lam_star(s), 2 * points - 1, span=16.0)
-        curves[name] = (s, fine, monte_carlo(s, fine, reps), grid, simulated_curves(s, grid, seeds))
+        curves[name] = (s, fine, monte_carlo(s, fine, reps), grid, simulated_curves(s, grid, seeds), len(seeds))
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "theory.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -313,11 +313,11 @@ def _plot(rows: list[dict], curves: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, len(SWEEPS), figsize=(4 * len(SWEEPS), 7.5), squeeze=False)
     panels = [(name, kind) for name in curves for kind in ("loss", "variance")]
     for ax, (name, kind) in zip(axes[0], panels):
-        s, fine, mc, grid, sim = curves[name]
+        s, fine, mc, grid, sim, runs = curves[name]
         closed = expected_loss if kind == "loss" else loss_variance
         ax.plot(fine, [closed(float(lam), s) for lam in fine], "-", label="closed form")
-        ax.plot(fine, mc[kind], ".", markersize=3, label="Monte Carlo")
-        ax.plot(grid, sim[kind], "o", fillstyle="none", label="DittoClient")
+        ax.plot(fine, mc[kind], ".", markersize=3, label="Monte Carlo (mean of many realisations)")
+        ax.plot(grid, sim[kind], "o", fillstyle="none", label=f"DittoClient (mean of {runs} realisation(s))")
         ax.axvline(lam_star(s), color="gray", linestyle="--", label="lambda*")
         ax.set_xscale("log")
         ax.set_xlabel("lambda")
@@ -345,7 +345,7 @@ def _plot(rows: list[dict], curves: dict, path: Path) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/theory"))
-    parser.add_argument("--seeds", type=int, default=2, help="DittoClient runs (realisations) averaged per point")
+    parser.add_argument("--seeds", type=int, default=1, help="DittoClient runs (realisations) averaged per point")
     parser.add_argument("--points", type=int, default=5, help="DittoClient lam grid (log-spaced, lam*/4 .. 4 lam*)")
     parser.add_argument("--reps", type=int, default=4000, help="Monte Carlo realisations")
     args = parser.parse_args(argv)
