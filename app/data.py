@@ -300,15 +300,31 @@ def _synthetic(dataset: DictConfig, num_clients: int, seed: int) -> Federation:
     return Federation(LazyDevices(num_clients, device), (d,), c)
 
 
+def _gaussian_device_means(dataset: DictConfig, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+    """theta_k = theta + tau z_k, theta ~ N(0, I), z_k ~ N(0, I); the first `num_attackers` devices are attackers:
+    `attackers: variance` (the paper's, official point_estimation.ipynb): theta_k = theta + tau_a z_k;
+    `attackers: shift` (a colluding mean shift): theta_k = theta + tau z_k + tau_a in every coordinate."""
+    attackers, k_a, d = str(dataset.attackers), int(dataset.num_attackers), int(dataset.dim)
+    if attackers not in ("variance", "shift"):
+        raise ValueError(f"config key 'dataset.attackers' = {attackers!r} is not allowed; allowed: variance (the "
+                         "paper's: attackers' means drawn with spread tau_a) or shift (their means shifted by tau_a)")
+    theta = rng.normal(0, 1, d)
+    spread = np.full((num_clients, 1), float(dataset.tau))
+    if attackers == "variance":
+        spread[:k_a] = float(dataset.tau_a)
+    means = theta + spread * rng.standard_normal((num_clients, d))
+    if attackers == "shift":
+        means[:k_a] += float(dataset.tau_a)
+    return means
+
+
 def _gaussian_mean(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
-    """Point estimation (the paper's simplified setting, see app/theory.py): device means theta_k = theta +
-    N(0, tau^2 I), theta ~ N(0, I); the first `num_attackers` devices are attackers whose means are shifted by
-    `tau_a` in every coordinate; `samples` training and `test_samples` test points per device, x ~ N(theta_k,
+    """Point estimation (the paper's simplified setting, see app/theory.py): device means from
+    `_gaussian_device_means`; `samples` training and `test_samples` test points per device, x ~ N(theta_k,
     sigma^2 I). The inputs are empty (a constant); the targets are the points."""
     rng = np.random.default_rng([seed, 0x6A55])
     d, n, n_test = int(dataset.dim), int(dataset.samples), int(dataset.test_samples)
-    means = rng.normal(0, 1, d) + rng.normal(0, float(dataset.tau), (num_clients, d))
-    means[: int(dataset.num_attackers)] += float(dataset.tau_a)
+    means = _gaussian_device_means(dataset, num_clients, rng)
     y = (means[:, None, :] + float(dataset.sigma) * rng.standard_normal((num_clients, n + n_test, d)))
     starts = np.arange(num_clients) * (n + n_test)
     return Pool(np.zeros((num_clients * (n + n_test), 1), dtype=np.float32), y.reshape(-1, d).astype(np.float32), d,
