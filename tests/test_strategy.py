@@ -377,3 +377,19 @@ def test_evaluation_replies_count_for_the_device_asked_and_bad_ones_never_reach_
     entry = strategy.rounds[-1]
     assert (entry["sent_evaluations"], entry["evaluations"], entry["rejected_evaluations"],
             entry["failed_evaluations"]) == (4, 2, 2, 1)
+
+
+def test_a_node_forging_its_evaluation_is_refused() -> None:
+    from flwr.client import NumPyClient
+
+    from app.rogue import rogue_client
+
+    class Honest(NumPyClient):
+        def evaluate(self, parameters, config):
+            return 0.5, 10, dict(_evaluation().metrics)
+
+    loss, n, metrics = rogue_client(Honest(), "forge-evaluation").evaluate([], {})
+    assert check_evaluation(EvaluateRes(status=OK, loss=loss, num_examples=n, metrics=metrics), 0, NEEDED) == \
+        "correct_global=11, expected a whole number in 0..10"
+    with pytest.raises(ValueError, match="rogue='lie' is unknown; allowed: forge-evaluation"):
+        rogue_client(Honest(), "lie")
