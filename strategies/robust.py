@@ -154,7 +154,8 @@ class RobustStrategy(Strategy):
         self.connected_after = time.perf_counter() - self._start
         missing = sorted(set(range(self.num_clients)) - set(devices))
         if len(devices) < self.min_devices:
-            refused = "; ".join(f"node {e['node']}: {e['reason']}" for e in self.rounds[-1]["exclusions"]) or "none"
+            refused = "; ".join(f"node {e['node']}: {e['reason']}" for r in self.rounds if r["round"] == server_round
+                                for e in r["exclusions"]) or "none"
             raise RuntimeError(
                 f"only {len(devices)} of num_clients={self.num_clients} devices were identified within "
                 f"{self.connect_timeout:.0f} s (at least {self.min_devices} needed); missing: {missing}; refused "

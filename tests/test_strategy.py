@@ -118,6 +118,10 @@ def test_too_few_identified_devices_stop_the_first_round_with_an_error_naming_th
     strategy.connect_timeout = 1
     with pytest.raises(RuntimeError, match=r"only 1 of num_clients=3 .* missing: \[1, 2\].*node b: partition_id=5"):
         strategy.configure_fit(1, ndarrays_to_parameters(MODEL), _manager([FakeDevice("a", 0), FakeDevice("b", 5)]))
+    nobody = _strategy(3, 2)
+    nobody.connect_timeout = 1
+    with pytest.raises(RuntimeError, match=r"only 0 of num_clients=3 .* refused nodes: none"):
+        nobody.configure_fit(1, ndarrays_to_parameters(MODEL), _manager([]))
 
 
 def test_a_restarted_device_replaces_its_old_node_and_rounds_go_on_without_a_dead_one() -> None:
