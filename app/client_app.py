@@ -22,6 +22,7 @@ from app.data import load_federation
 from app.methods import METHODS, apfl_round, mix_into
 from app.models import build_model, get_weights, objective, set_weights
 from app.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
+from app.rogue import rogue_client
 
 # lam auto (the paper): the grid and the fixed lam for devices with too little validation data, by attack strength
 LAM_GRID = {True: (0.05, 0.1, 0.2), False: (0.1, 1.0, 2.0)}
@@ -213,7 +214,9 @@ def make_client_fn(cfg: DictConfig | None = None, out_dir: Path | None = None): 
         run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
         run_out = out_dir if cfg is not None else (str(context.run_config.get("output-dir", "")).strip() or None)
         pid = _partition_id(context, run_cfg)
-        return DittoClient(run_cfg, pid, personal_store(context, run_cfg, pid, run_out)).to_client()
+        client = DittoClient(run_cfg, pid, personal_store(context, run_cfg, pid, run_out))
+        rogue = str(context.node_config.get("rogue", ""))  # chaos tests: a node that lies on purpose (app/rogue.py)
+        return (rogue_client(client, rogue) if rogue else client).to_client()
 
     return client_fn
 

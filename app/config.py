@@ -91,6 +91,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "ray_address", lambda v: v is None or (isinstance(v, str) and (v == "auto" or _host_port(v))),
            "null (a private Ray instance), auto, or the HOST:PORT of an existing Ray cluster's head")
     _check(cfg, "round_timeout", lambda v: v is None or _real(0, lo_open=True)(v), "null (wait for all) or seconds > 0")
+    _check(cfg, "device_keys", lambda v: v is None or (isinstance(v, str) and Path(v).is_absolute()),
+           "null (a node is the device it says) or the absolute path of a JSON file of device keys")
 
     _choice(cfg, "dataset.name", DATASETS, "dataset")
     _choice(cfg, "dataset.model", MODELS)

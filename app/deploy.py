@@ -7,7 +7,8 @@
 Each SuperNode is told its device through `--node-config "partition-id=K num-partitions=N state-dir=DIR"` and keeps
 its personal model in its own state-dir (`personal_state=disk` is the default here), so a restarted SuperNode
 continues from it. `--tls` makes a CA, a server certificate (SAN 127.0.0.1 and `--host`) and an ECDSA key per node,
-starts the SuperLink with TLS and `--enable-supernode-auth`, and registers the node keys before the nodes start.
+starts the SuperLink with TLS and `--enable-supernode-auth`, registers the node keys before the nodes start, and
+binds each device to its node's key (`device_keys`: a node is the device its authenticated key is listed for).
 Every process is started in its own session and stopped with its children (SIGTERM, then SIGKILL).
 """
 
@@ -43,6 +44,12 @@ class Credentials:
     server_cert: Path
     server_key: Path
     node_keys: list[Path]  # private keys (OpenSSH); the public key is beside each, with .pub
+
+    def write_device_keys(self, path: Path, num_devices: int) -> Path:
+        """The `device_keys` file binding device k to node key k, for k < num_devices (keys beyond: spares)."""
+        listed = {str(k): self.node_keys[k].with_suffix(".pub").read_text().strip() for k in range(num_devices)}
+        path.write_text(json.dumps(listed, indent=1))
+        return path
 
 
 def make_credentials(directory: Path, num_nodes: int, host: str = "127.0.0.1", days: int = 365) -> Credentials:
@@ -103,15 +110,19 @@ def free_port() -> int:
 
 
 def session_pids(leader: int) -> set[int]:
-    """`leader` and every process of its session (the children a Flower process starts: SuperExec, app processes)."""
-    pids = {leader}
+    """`leader`, every process of its session and all their descendants (the processes a Flower process starts:
+    SuperExec, which makes a session of its own, and the app processes under it)."""
+    table: dict[int, tuple[int, int]] = {}  # pid -> (parent, session)
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) == leader:
-                    pids.add(int(proc.name))
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(proc.name)] = (int(fields[1]), int(fields[3]))
             except (OSError, IndexError, ValueError):
                 continue
+    pids = {leader} | {pid for pid, (_, session) in table.items() if session == leader}
+    while more := {pid for pid, (parent, _) in table.items() if parent in pids} - pids:
+        pids |= more
     return pids
 
 
@@ -129,16 +140,23 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) 
 
 class LocalDeployment:
     """A SuperLink and `num_nodes` SuperNodes on 127.0.0.1, with their logs, databases, node state and (TLS)
-    credentials under `workdir`. Use as a context manager: leaving it stops every process it started."""
+    credentials under `workdir`. Use as a context manager: leaving it stops every process it started.
 
-    def __init__(self, workdir: Path, num_nodes: int, *, tls: bool = False, host: str = "127.0.0.1") -> None:
+    TLS: every node key is registered, `spare_keys` more keys are registered but bound to no device (an impostor's
+    valid key), and `device_keys` names the file binding device k to key k. `node_config` adds to the node config
+    of the devices it names (e.g. `rogue="forge-evaluation"`, app/rogue.py)."""
+
+    def __init__(self, workdir: Path, num_nodes: int, *, tls: bool = False, host: str = "127.0.0.1",
+                 spare_keys: int = 0, node_config: dict[int, str] | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.num_nodes = num_nodes
         self.tls = tls
         self.flwr_home = self.workdir / "flwr"
         self.env = flower_env(self.flwr_home)
         self.port = free_port()
-        self.creds = make_credentials(self.workdir / "certs", num_nodes, host) if tls else None
+        self.creds = make_credentials(self.workdir / "certs", num_nodes + spare_keys, host) if tls else None
+        self.device_keys = None if self.creds is None else self.workdir / "certs" / "device_keys.json"
+        self.node_config = node_config or {}
         self.superlink: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
         self._started: list[int] = []
@@ -186,6 +204,7 @@ class LocalDeployment:
         if self.creds is not None:
             for key in self.creds.node_keys:
                 self.flwr("supernode", "register", str(key.with_suffix(".pub")), CONNECTION)
+            self.creds.write_device_keys(self.device_keys, self.num_nodes)
         for k in range(self.num_nodes):
             self.start_node(k)
 
@@ -198,11 +217,14 @@ class LocalDeployment:
         return out
 
     def start_node(self, k: int, key: Path | None = None, name: str | None = None) -> subprocess.Popen:
-        """Start the SuperNode of device `k` (TLS: with node key `key`, by default its own registered one)."""
+        """Start the SuperNode of device `k` (TLS: with node key `key`, by default its own registered one); a
+        `name`d node (an intruder, an impostor) claims device `k` from its own state-dir and log."""
         security = ["--insecure"] if self.creds is None else [
             "--root-certificates", str(self.creds.ca_cert),
             "--auth-supernode-private-key", str(key or self.creds.node_keys[k])]
-        node_config = f'partition-id={k} num-partitions={self.num_nodes} state-dir="{self.state_dir(k)}"'
+        state_dir = self.state_dir(k) if name is None else self.workdir / "state" / name
+        extra = "" if name is not None or k not in self.node_config else f" {self.node_config[k]}"
+        node_config = f'partition-id={k} num-partitions={self.num_nodes} state-dir="{state_dir}"{extra}'
         proc = self._start(name or f"node-{k}", [
             "flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
             "--port", str(free_port()), "--node-config", node_config])
@@ -219,6 +241,27 @@ class LocalDeployment:
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
+
+    def restart_node(self, k: int, deadline: float) -> int:
+        """Start device `k`'s SuperNode again until one is activated (its log says "SuperNode ID"; the SuperLink
+        refuses a key whose node it still counts online, up to ~60 s after a kill, and the refused node exits) or
+        `time.monotonic()` passes `deadline`; returns the number of starts."""
+        log = self.log(f"node-{k}")
+
+        def activations() -> int:
+            return log.read_text(errors="replace").count("SuperNode ID:") if log.exists() else 0
+
+        starts = 0
+        while time.monotonic() < deadline:
+            starts, before = starts + 1, activations()
+            proc = self.start_node(k)
+            while proc.poll() is None and time.monotonic() < deadline:
+                if activations() > before:
+                    return starts
+                time.sleep(0.5)
+            self.nodes.pop(k, None)
+            time.sleep(2)
+        raise RuntimeError(f"device {k}'s SuperNode was not let back in before the deadline: see {log}")
 
     def run(self, overrides: Sequence[str], output_dir: Path, timeout: float | None = None,
             echo: bool = True) -> Path:
@@ -266,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     nodes = args.nodes or cfg.num_clients
-    workdir = args.workdir or PROJECT_DIR / "outputs" / "deploy" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    workdir = (args.workdir or PROJECT_DIR / "outputs" / "deploy" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    if args.tls and not any(o.startswith("device_keys=") for o in overrides):  # each device bound to its node's key
+        overrides.append(f"device_keys={workdir / 'certs' / 'device_keys.json'}")
     start = time.perf_counter()
     try:
         with LocalDeployment(workdir, nodes, tls=args.tls, host=args.host) as deployment:

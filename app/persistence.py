@@ -4,10 +4,13 @@ Personal state (`personal_state` in the config):
 - `memory`: Flower's `context.state`. It persists across rounds, in simulation and on a SuperNode, but is lost when
   a SuperNode restarts and cannot be resumed.
 - `disk`: one folder per device, one file per version (`round-000012.npz`, the round it was written in), written
-  atomically (a temporary file, fsync, rename), so a killed process leaves the previous version intact. A device
-  reads the newest version written before the round it works on. Versions newer than the server's last checkpoint
-  are kept, with the newest one at or before it, so a run resumed from that checkpoint finds each device's personal
-  model as it was then; everything older is deleted.
+  atomically (a temporary file, fsync, rename), so a killed process leaves the previous version intact. Each file
+  holds the SHA-256 of its arrays: a truncated or altered version is detected on load, logged, renamed to
+  `*.corrupt`, and the device reads its previous good version instead (or, with none, starts from the initial
+  model, logged as an error). A device reads the newest version written before the round it works on. Versions
+  newer than the server's last checkpoint are kept, with the newest one at or before it (so a run resumed from that
+  checkpoint finds each device's personal model as it was then) and the one before the newest (the fallback);
+  everything older is deleted.
 
 Server checkpoint (`checkpoint_every`): the global model, the round, the per-round metrics so far, the last
 evaluation and the state of a stateful aggregator, in `checkpoint.npz` in the run's folder, written atomically.
@@ -16,15 +19,19 @@ Devices are sampled from (seed, round) alone, so the round is the whole state of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import zipfile
 from dataclasses import dataclass
+from logging import ERROR, WARNING
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.logger import log
 
 PERSONAL_KEY = "ditto.personal"
 LAM_COUNTS_KEY = "ditto.lam_counts"  # lam auto: how often each grid value was chosen
@@ -102,14 +109,20 @@ class DiskStore:
         return self.directory / f"round-{round_:06d}.npz"
 
     def load(self, upto: int) -> DeviceState | None:
-        usable = [v for v in self.versions() if v <= upto]
-        if not usable:
-            return None
-        with np.load(self._path(usable[-1])) as data:
-            personal = [data[f"p{i}"] for i in range(int(data["num_arrays"]))]
-            counts = data["lam_counts"] if "lam_counts" in data else None
-            trained = tuple(int(r) for r in data["trained_rounds"])
-        return DeviceState(usable[-1], personal, counts, trained)
+        for version in reversed([v for v in self.versions() if v <= upto]):
+            path = self._path(version)
+            try:
+                state = _read_version(path, version)
+            except CorruptVersion as err:
+                path.rename(path.with_name(path.name + ".corrupt"))
+                log(WARNING, "%s is corrupted (%s): set aside as %s.corrupt; falling back to the version before it",
+                    path, err, path.name)
+                continue
+            return state
+        if any(p.name.endswith(".corrupt") for p in self.directory.glob("round-*")):
+            log(ERROR, "no good personal model is left in %s: the device starts again from the initial model",
+                self.directory)
+        return None
 
     def save(self, state: DeviceState, checkpoint_round: int | None = None) -> None:
         arrays = {f"p{i}": a for i, a in enumerate(state.personal)}
@@ -117,6 +130,7 @@ class DiskStore:
         arrays["trained_rounds"] = np.array(state.trained_rounds, dtype=np.int64)
         if state.lam_counts is not None:
             arrays["lam_counts"] = state.lam_counts
+        arrays[CHECKSUM_KEY] = np.array(checksum(arrays))
         atomic_savez(self._path(state.round), arrays)
         for old in self._obsolete(self.versions(), state.round, checkpoint_round):
             self._path(old).unlink(missing_ok=True)
@@ -124,10 +138,44 @@ class DiskStore:
     @staticmethod
     def _obsolete(versions: list[int], current: int, checkpoint_round: int | None) -> list[int]:
         """Versions to delete after writing `current`: those after it (left by a run that was stopped and resumed
-        from an earlier checkpoint) and those older than what a resume from `checkpoint_round` needs."""
-        anchor = current if checkpoint_round is None else max([v for v in versions if v <= checkpoint_round],
-                                                              default=current)
+        from an earlier checkpoint) and those older than both the version before `current` (the fallback should
+        `current` be corrupted) and what a resume from `checkpoint_round` needs."""
+        previous = max([v for v in versions if v < current], default=current)
+        anchor = previous if checkpoint_round is None else min(
+            previous, max([v for v in versions if v <= checkpoint_round], default=current))
         return [v for v in versions if v > current or v < anchor]
+
+
+CHECKSUM_KEY = "sha256"
+
+
+class CorruptVersion(Exception):
+    """A stored version that cannot be read back as it was written."""
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every array's name, dtype, shape and bytes (in name order), the checksum key left out."""
+    digest = hashlib.sha256()
+    for name in sorted(k for k in arrays if k != CHECKSUM_KEY):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def _read_version(path: Path, version: int) -> DeviceState:
+    """The state in `path`, or CorruptVersion if it is unreadable, truncated, or not what its checksum says."""
+    try:
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CorruptVersion(f"unreadable: {err}") from None
+    if CHECKSUM_KEY not in arrays:
+        raise CorruptVersion("no checksum")
+    if str(arrays[CHECKSUM_KEY]) != checksum(arrays):
+        raise CorruptVersion("checksum mismatch")
+    personal = [arrays[f"p{i}"] for i in range(int(arrays["num_arrays"]))]
+    return DeviceState(version, personal, arrays.get("lam_counts"), tuple(int(r) for r in arrays["trained_rounds"]))
 
 
 # -- server checkpoint ----------------------------------------------------------------------------------------

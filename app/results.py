@@ -13,9 +13,17 @@ import numpy as np
 from flwr.common.logger import log
 from omegaconf import DictConfig, OmegaConf
 
+from app.methods import Method
 from app.metrics import accuracy_summary
 
 KINDS = ("global", "personal")
+
+
+def required_metrics(method: Method) -> frozenset[str]:
+    """The evaluation metrics every device of a run of `method` must send (RunRecorder reads them)."""
+    kinds = ("global", "personal") if method.evaluates is not None else ("global",)
+    personal = ("personal_round", "personal_updates") if method.personal is not None else ()
+    return frozenset({"n_train", "n_test", *personal, *(f"{p}_{k}" for k in kinds for p in ("correct", "loss"))})
 
 
 class RunRecorder:
@@ -69,6 +77,8 @@ class RunRecorder:
             "malicious_clients": sorted(self.malicious),
             "rejected_updates_total": sum(r.get("rejected_updates", 0) for r in rounds),
             "failed_clients_total": sum(r.get("failed_clients", 0) for r in rounds),
+            "rejected_evaluations_total": sum(r.get("rejected_evaluations", 0) for r in rounds),
+            "excluded_nodes_total": sum(r.get("excluded_nodes", 0) for r in rounds),
             "connected_after_seconds": connected_after,
         }
         path = self.out_dir / "results.json"

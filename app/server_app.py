@@ -25,9 +25,10 @@ from app.ditto import validation_size
 from app.methods import METHODS
 from app.models import build_model, get_weights
 from app.persistence import Checkpoint, load_checkpoint, save_checkpoint
-from app.results import RunRecorder
+from app.results import RunRecorder, required_metrics
 from strategies import RobustStrategy, build_aggregator
 from strategies.fair import build_reweight
+from strategies.identity import load_device_keys
 
 
 class ResultsServer(Server):
@@ -148,6 +149,8 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         checkpoint_every=cfg.checkpoint_every,
         max_update_norm=None if cfg.max_update_norm is None else float(cfg.max_update_norm),
         sample_sizes=sizes,
+        device_keys=None if cfg.device_keys is None else load_device_keys(Path(cfg.device_keys), cfg.num_clients),
+        evaluation_keys=required_metrics(METHODS[cfg.method.name]),
     )
     return ServerAppComponents(server=ResultsServer(strategy, recorder, cfg),
                                config=ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout))

@@ -7,7 +7,6 @@ Clients send updates (w_k - w^t); the strategy sets w^{t+1} = w^t + aggregate(up
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,29 +34,12 @@ from flwr.server.strategy import Strategy
 
 from strategies.aggregators import Aggregator
 from strategies.fair import Reweight
+from strategies.identity import Refusal, identify, node_public_keys
+from strategies.replies import check_evaluation, check_update, is_loss
 from strategies.sampling import evaluates, sample_devices
 
 EvaluateMetricsFn = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
 ThreatModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def check_update(update: NDArrays, reference: NDArrays, max_norm: float | None = None) -> str | None:
-    """Why `update` cannot be aggregated against the model `reference` (None when it can); with `max_norm`, an
-    update whose Euclidean norm exceeds it is absurd (no SGD round moves a model that far) and refused too."""
-    if len(update) != len(reference):
-        return f"{len(update)} arrays, expected {len(reference)}"
-    for i, (u, r) in enumerate(zip(update, reference)):
-        if u.shape != r.shape:
-            return f"array {i} has shape {u.shape}, expected {r.shape}"
-        if u.dtype != r.dtype:
-            return f"array {i} has dtype {u.dtype}, expected {r.dtype}"
-        if not np.isfinite(u).all():
-            return f"array {i} holds NaN or Inf"
-    if max_norm is not None:
-        norm = math.sqrt(sum(float(np.dot(u.ravel().astype(np.float64), u.ravel().astype(np.float64))) for u in update))
-        if norm > max_norm:
-            return f"norm {norm:.3g} exceeds max_update_norm={max_norm:g}"
-    return None
 
 
 def flatten(arrays: NDArrays) -> np.ndarray:
@@ -74,27 +56,30 @@ def unflatten(vector: np.ndarray, like: NDArrays) -> NDArrays:
     return out
 
 
-def _is_loss(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-
-
 class RobustStrategy(Strategy):
     """Sample `clients_per_round` devices per round, validate their updates, aggregate with `aggregate`.
 
-    Devices are addressed by partition id (asked once from each node through `get_properties`), so which devices a
-    round samples depends only on (seed, round), in simulation and in deployment alike: uniformly, or with
-    `sample_sizes` (the devices' training sample counts, known to the server from the config) in proportion to n_k,
-    as the official code (strategies/sampling.py). Every `eval_every` rounds and
-    after the last round, every device evaluates; `evaluate_metrics_fn(round, rows)` turns their metrics (one dict per
-    device, sorted by partition id) into the round's metrics. `rounds` keeps one entry per round.
+    Devices are addressed by partition id, so which devices a round samples depends only on (seed, round), in
+    simulation and in deployment alike: uniformly, or with `sample_sizes` (the devices' training sample counts, known
+    to the server from the config) in proportion to n_k, as the official code (strategies/sampling.py). Each node is identified once per connection (strategies/identity.py: its own
+    claim, or with `device_keys` the key the SuperLink authenticated it with); a node refused as a device is logged,
+    counted (`excluded_nodes`, the reasons in `exclusions`) and left out, and the run goes on without it. Before the
+    first round the strategy waits (`connect_timeout`) until every device is identified, and starts with fewer only
+    if at least `min_devices` (default: `clients_per_round`) are; else it stops with an error naming the missing.
+
+    Every `eval_every` rounds and after the last round, every device evaluates. A reply counts for the device the
+    request was sent to, never for what it says, and only if `check_evaluation` accepts it (with the metrics
+    `evaluation_keys`); refused replies are logged and counted (`rejected_evaluations`). `evaluate_metrics_fn(round,
+    rows)` turns the accepted rows (one dict per device, sorted by partition id) into the round's metrics. `rounds`
+    keeps one entry per round, with what was sent, accepted, rejected and failed.
 
     `threat_model` (simulation only) receives the stacked accepted updates and a mask of the rows sent by devices in
     `malicious`, and returns the stack the aggregator sees: how omniscient attacks, which need the benign updates of
     the round, are simulated. `reweight` (fair solvers such as q-FFL) rescales the stack by the losses the devices
     report as the fit metric `train_loss` before the aggregator; an update without a finite, non-negative loss is then
-    rejected, and so is an update whose norm exceeds `max_update_norm`. A round whose accepted updates the rule cannot aggregate keeps w^t (counted). With `checkpoint_every`
-    > 0, each fit instruction carries the round of the server's last checkpoint (`checkpoint_round`), so devices know
-    which versions of their state a resumed run may still need.
+    rejected, and so is an update whose norm exceeds `max_update_norm`. A round whose accepted updates the rule cannot
+    aggregate keeps w^t (counted). With `checkpoint_every` > 0, each fit instruction carries the round of the server's
+    last checkpoint (`checkpoint_round`), so devices know which versions of their state a resumed run may still need.
     """
 
     def __init__(
@@ -116,6 +101,9 @@ class RobustStrategy(Strategy):
         checkpoint_every: int = 0,
         max_update_norm: float | None = None,
         sample_sizes: Sequence[int] | None = None,
+        device_keys: dict[bytes, int] | None = None,
+        min_devices: int | None = None,
+        evaluation_keys: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
         self.initial_parameters = initial_parameters
@@ -134,11 +122,16 @@ class RobustStrategy(Strategy):
         self.checkpoint_every = checkpoint_every
         self.max_update_norm = max_update_norm
         self.sample_sizes = None if sample_sizes is None else tuple(int(n) for n in sample_sizes)
+        self.device_keys = device_keys
+        self.min_devices = clients_per_round if min_devices is None else min_devices
+        self.evaluation_keys = evaluation_keys
         self.rounds: list[dict[str, Any]] = []
-        self._partition_of: dict[str, int] = {}
+        self._partition_of: dict[str, int] = {}  # node id -> device, newest identification last
         self._identified: set[int] = set()  # partition ids seen so far
-        self._cached: tuple[set[str], dict[int, ClientProxy]] | None = None  # node ids -> their devices
+        self._asked: dict[str, ClientProxy] = {}  # node id -> the connection (proxy) it was identified on
+        self._cached: tuple[frozenset, dict[int, ClientProxy]] | None = None  # connections -> their devices
         self._global: NDArrays = []
+        self._sent_to: dict[int, int] = {}  # id of each node asked this phase -> the device it was asked as
         self._start = time.perf_counter()
         self.connected_after: float | None = None  # seconds from the start until every device was identified
 
@@ -146,55 +139,81 @@ class RobustStrategy(Strategy):
         return f"RobustStrategy(num_clients={self.num_clients}, clients_per_round={self.clients_per_round})"
 
     # -- device identities -------------------------------------------------------------------------------------
-    def _devices(self, client_manager: ClientManager) -> dict[int, ClientProxy]:
-        """Connected devices by partition id; asks new nodes for their partition id once.
-
-        Before the first round every device must connect (within `connect_timeout`). Later rounds go on with the
-        devices that are connected: a dead node's sampled slot is lost for that round, and a restarted device (a
-        new node reporting the partition id of an earlier one) takes its place."""
-        first = not self._partition_of
-        if first:
-            client_manager.num_available()  # lets Flower register the nodes that have joined
-            if not client_manager.wait_for(self.num_clients, timeout=int(self.connect_timeout)):
-                raise RuntimeError(
-                    f"only {client_manager.num_available()} of num_clients={self.num_clients} devices connected within "
-                    f"{self.connect_timeout:.0f} s: start one node per device (simulation: num-supernodes=num_clients)"
-                )
-            proxies = client_manager.all()
-        else:  # Flower's all() re-lists every node of the federation; its own thread does so every 5 s, soon enough
+    def _devices(self, client_manager: ClientManager, server_round: int) -> dict[int, ClientProxy]:
+        """Connected devices by partition id. Before the first round, waits for every device (see the class); later
+        rounds go on with the devices that are connected: a dead node's sampled slot is lost for that round, and a
+        restarted device, once identified again, takes its place (without keys: the newest node claiming it)."""
+        if self.connected_after is not None:  # Flower's all() re-lists the federation; its thread does so every 5 s
             proxies = client_manager.clients if isinstance(client_manager, SimpleClientManager) else client_manager.all()
-        if self._cached is not None and proxies.keys() == self._cached[0]:
-            return self._cached[1]  # no node joined or left since the last call
-        new = [p for cid, p in proxies.items() if cid not in self._partition_of]
+            return self._identify(proxies, server_round)
+        client_manager.num_available()  # lets Flower register the nodes that have joined
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            proxies = client_manager.all()
+            devices = self._identify(proxies, server_round)
+            if len(devices) >= self.num_clients or time.monotonic() >= deadline:
+                break
+            client_manager.wait_for(len(proxies) + 1, timeout=max(1, int(deadline - time.monotonic())))
+        self.connected_after = time.perf_counter() - self._start
+        missing = sorted(set(range(self.num_clients)) - set(devices))
+        if len(devices) < self.min_devices:
+            refused = "; ".join(f"node {e['node']}: {e['reason']}" for r in self.rounds if r["round"] == server_round
+                                for e in r["exclusions"]) or "none"
+            raise RuntimeError(
+                f"only {len(devices)} of num_clients={self.num_clients} devices were identified within "
+                f"{self.connect_timeout:.0f} s (at least {self.min_devices} needed); missing: {missing}; refused "
+                f"nodes: {refused}. Start one node per device (simulation: num-supernodes=num_clients)"
+            )
+        log(INFO, "%d devices connected and identified after %.1f s", len(devices), self.connected_after)
+        if missing:
+            log(WARNING, "starting without devices %s: they were not identified within %.0f s", missing,
+                self.connect_timeout)
+        return devices
+
+    def _identify(self, proxies: dict[str, ClientProxy], server_round: int) -> dict[int, ClientProxy]:
+        """Identify the nodes not yet identified on their present connection; the devices of `proxies`."""
+        connections = frozenset((cid, id(p)) for cid, p in proxies.items())
+        if self._cached is not None and connections == self._cached[0]:
+            return self._cached[1]  # no node joined, left or reconnected since the last call
+        new = {cid: p for cid, p in proxies.items() if self._asked.get(cid) is not p}
         if new:
+            def ask(proxy: ClientProxy):  # -> GetPropertiesRes | BaseException
+                try:
+                    return proxy.get_properties(GetPropertiesIns({}), self.connect_timeout, 0)
+                except Exception as err:  # a node that cannot answer is refused, not the run
+                    return err
+
             with ThreadPoolExecutor(max_workers=min(32, len(new))) as pool:
-                answers = list(pool.map(lambda p: p.get_properties(GetPropertiesIns({}), self.connect_timeout, 0), new))
-            reported = [int(res.properties["partition_id"]) for res in answers]
-            if len(set(reported)) < len(reported):
-                raise RuntimeError("two nodes report the same partition-id: give every node its own partition-id")
-            for proxy, pid in zip(new, reported):
-                if not 0 <= pid < self.num_clients:
-                    raise RuntimeError(
-                        f"node {proxy.cid} reports partition-id={pid}, outside 0..{self.num_clients - 1}: "
-                        "set each node's partition-id below num_clients"
-                    )
-                if pid in self._identified:
-                    log(WARNING, "device %d rejoined as node %s: it replaces the node it ran on before", pid, proxy.cid)
-                self._partition_of[proxy.cid] = pid
+                answers = dict(zip(new, pool.map(ask, new.values())))
+            keys = node_public_keys(new.values()) if self.device_keys is not None else None
+            accepted, refusals = identify(answers, self.num_clients, keys, self.device_keys)
+            self._asked.update(new)
+            for cid, pid in accepted.items():
+                if pid in self._identified and self._partition_of.get(cid) != pid:
+                    log(WARNING, "device %d rejoined as node %s: it replaces the node it ran on before", pid, cid)
+                self._partition_of.pop(cid, None)
+                self._partition_of[cid] = pid  # newest last: it wins over an older node of the same device
                 self._identified.add(pid)
-        if first:
-            self.connected_after = time.perf_counter() - self._start
-            log(INFO, "%d devices connected and identified after %.1f s", len(self._partition_of), self.connected_after)
+            self._exclude(server_round, refusals)
         devices = {pid: proxies[cid] for cid, pid in self._partition_of.items() if cid in proxies}  # newest wins
-        if len(devices) < self.num_clients:
+        if len(devices) < self.num_clients and self.connected_after is not None:
             log(WARNING, "%d of %d devices connected; missing: %s", len(devices), self.num_clients,
                 sorted(set(range(self.num_clients)) - set(devices)))
-        self._cached = (set(proxies), devices)
+        self._cached = (connections, devices)
         return devices
+
+    def _exclude(self, server_round: int, refusals: list[Refusal]) -> None:
+        entry = self._log_round(server_round)
+        for refusal in refusals:
+            self._partition_of.pop(refusal.node, None)
+            log(WARNING, "round %d: node %s is refused as a device (claimed %s): %s", server_round, refusal.node,
+                refusal.claimed, refusal.reason)
+            entry["exclusions"].append(refusal.as_dict())
+        entry["excluded_nodes"] = len(entry["exclusions"])
 
     def _log_round(self, server_round: int, **fields: Any) -> dict[str, Any]:
         if not self.rounds or self.rounds[-1]["round"] != server_round:
-            self.rounds.append({"round": server_round})
+            self.rounds.append({"round": server_round, "excluded_nodes": 0, "exclusions": []})
         entry = self.rounds[-1]
         entry.update(fields, seconds=round(time.perf_counter() - self._start, 3))
         return entry
@@ -208,13 +227,19 @@ class RobustStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._global = parameters_to_ndarrays(parameters)
-        devices = self._devices(client_manager)
+        devices = self._devices(client_manager, server_round)
         chosen = sample_devices(self.seed, server_round, self.num_clients, self.clients_per_round, self.sample_sizes)
         config: dict[str, Scalar] = {"server_round": server_round}
         if self.checkpoint_every > 0:
             config["checkpoint_round"] = (server_round - 1) // self.checkpoint_every * self.checkpoint_every
         ins = FitIns(parameters, config)
-        return [(devices[pid], ins) for pid in chosen if pid in devices]
+        return self._send(server_round, "sent_updates", [(pid, devices[pid]) for pid in chosen if pid in devices], ins)
+
+    def _send(self, server_round: int, counter: str, targets: list[tuple[int, ClientProxy]], ins: Any) -> list:
+        """The instructions to `targets` (device, node), remembering which device each node was asked as."""
+        self._sent_to = {id(proxy): pid for pid, proxy in targets}
+        self._log_round(server_round, **{counter: len(targets)})
+        return [(proxy, ins) for _, proxy in targets]
 
     def aggregate_fit(
         self,
@@ -223,7 +248,7 @@ class RobustStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rows, weights, senders, losses, rejected = [], [], [], [], 0
-        by_device = sorted(((self._partition_of.get(proxy.cid, -1), proxy, res) for proxy, res in results),
+        by_device = sorted(((self._sent_to.get(id(proxy), -1), proxy, res) for proxy, res in results),
                            key=lambda item: item[0])
         for pid, proxy, res in by_device:
             try:
@@ -235,7 +260,7 @@ class RobustStrategy(Strategy):
             if reason is None and res.num_examples <= 0:
                 reason = f"num_examples={res.num_examples}"
             loss = res.metrics.get("train_loss")
-            if reason is None and self.reweight is not None and not _is_loss(loss):
+            if reason is None and self.reweight is not None and not is_loss(loss):
                 reason = f"train_loss={loss!r} (a finite number >= 0 is needed by the fair solver)"
             if reason is not None:
                 rejected += 1
@@ -272,7 +297,8 @@ class RobustStrategy(Strategy):
         if not evaluates(server_round, self.eval_every, self.num_rounds):
             return []
         ins = EvaluateIns(parameters, {"server_round": server_round})
-        return [(proxy, ins) for _, proxy in sorted(self._devices(client_manager).items())]
+        return self._send(server_round, "sent_evaluations", sorted(self._devices(client_manager, server_round).items()),
+                          ins)
 
     def aggregate_evaluate(
         self,
@@ -280,12 +306,22 @@ class RobustStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        rows = [dict(res.metrics, num_examples=res.num_examples, loss=res.loss) for _, res in results]
-        rows.sort(key=lambda r: r.get("partition_id", -1))
+        rows, rejected = [], 0
+        for proxy, res in results:
+            pid = self._sent_to.get(id(proxy))
+            reason = ("a reply from a node no evaluation was sent to" if pid is None
+                      else check_evaluation(res, pid, self.evaluation_keys))
+            if reason is not None:
+                rejected += 1
+                log(WARNING, "round %d: rejected the evaluation of device %s: %s", server_round, pid, reason)
+                continue
+            rows.append(dict(res.metrics, partition_id=pid, num_examples=res.num_examples, loss=res.loss))
+        rows.sort(key=lambda r: r["partition_id"])
         total = sum(r["num_examples"] for r in rows)
         loss = sum(r["loss"] * r["num_examples"] for r in rows) / total if total else None
         summary = self.evaluate_metrics_fn(server_round, rows) if self.evaluate_metrics_fn else {}
-        self._log_round(server_round, failed_evaluations=len(failures), **summary)
+        self._log_round(server_round, evaluations=len(rows), rejected_evaluations=rejected,
+                        failed_evaluations=len(failures), **summary)
         headline = ("benign_acc", "benign_std_acc")  # Flower's history keeps only scalars: the headline ones
         flat = {f"{kind}_{k}": m[k] for kind, m in summary.items() if isinstance(m, dict) for k in headline
                 if isinstance(m.get(k), (int, float))}

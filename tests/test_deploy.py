@@ -76,3 +76,24 @@ def test_a_killed_node_costs_a_round_slot_and_restarts_with_its_personal_model(t
     assert after.trained_rounds[: len(saved.trained_rounds)] == saved.trained_rounds, "it continued, not restarted"
     assert after.round == 4 and len(after.trained_rounds) > len(saved.trained_rounds)
     assert r["clients"][1]["personal_round"] == 4
+
+
+def test_session_pids_finds_children_that_start_a_session_of_their_own() -> None:
+    """Flower's SuperExec calls setsid: stopping a SuperLink by its session alone left it and its ServerApp running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = "import subprocess, time; subprocess.Popen(['setsid', 'sleep', '60']); time.sleep(60)"
+    leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(session_pids(leader.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = session_pids(leader.pid)
+        assert len(found) == 2, "the leader and its setsid child"
+    finally:
+        for pid in session_pids(leader.pid):
+            os.kill(pid, signal.SIGKILL)
+        leader.wait()

@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import RecordDict
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from app import ditto
 from app.client_app import LAM_FIXED, LAM_GRID, DittoClient
 from app.config import compose_config
-from app.methods import apfl_round, mix_into
+from app.methods import METHODS, apfl_round, mix_into
 from app.models import get_weights
 from app.persistence import MemoryStore
+from app.results import required_metrics
 from strategies import RobustStrategy, build_aggregator
 from strategies.fair import qffl, tilted
+from strategies.replies import check_evaluation
 from tests.test_ditto import X, _linear, _mse
 from tests.test_strategy import MODEL, FakeDevice
 
@@ -175,3 +177,14 @@ def test_fair_methods_report_the_loss_of_the_received_model() -> None:
     _, n, metrics = client.fit(params, {"server_round": 1})
     expected = ditto.evaluate(client._build(), client.x_train, client.y_train, client.objective)[1]
     assert metrics["train_loss"] == pytest.approx(expected) and n == len(client.y_train)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_methods_evaluation_reply_passes_the_servers_check(method: str) -> None:
+    client = DittoClient(compose_config([*SMALL, f"method={method}", "method.steps=2"] if method == "finetune"
+                                        else [*SMALL, f"method={method}"]), 1, MemoryStore(RecordDict()))
+    params = get_weights(client._build())
+    client.fit(params, {"server_round": 1})
+    loss, n, metrics = client.evaluate(params, {"server_round": 1})
+    reply = EvaluateRes(status=Status(code=Code.OK, message=""), loss=loss, num_examples=n, metrics=metrics)
+    assert check_evaluation(reply, 1, required_metrics(METHODS[method])) is None

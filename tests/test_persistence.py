@@ -52,7 +52,7 @@ def test_disk_store_keeps_what_a_resume_from_the_last_checkpoint_needs(tmp_path:
     s = DiskStore(tmp_path)
     s.save(_state(1))
     s.save(_state(3))
-    assert s.versions() == [3], "without checkpoints only the newest version is kept"
+    assert s.versions() == [1, 3], "without checkpoints the newest version and its fallback are kept"
     s.save(_state(6), checkpoint_round=5)
     s.save(_state(7), checkpoint_round=5)
     assert s.versions() == [3, 6, 7], "round 3 is the state as of the checkpoint of round 5"
@@ -68,6 +68,29 @@ def test_an_interrupted_write_leaves_the_previous_version(tmp_path: Path) -> Non
     s.save(_state(2))
     (tmp_path / ".round-000004.npz.123.tmp").write_bytes(b"half a file")  # a process killed while writing
     assert s.versions() == [2] and s.load(upto=9).round == 2
+
+
+def test_a_corrupted_or_truncated_version_falls_back_to_the_previous_good_one(tmp_path: Path, caplog) -> None:
+    s = DiskStore(tmp_path)
+    for r in (2, 5):
+        s.save(_state(r))
+    newest = tmp_path / "round-000005.npz"
+    newest.write_bytes(newest.read_bytes()[:-40])  # truncated
+    got = s.load(upto=9)
+    assert got.round == 2 and np.array_equal(got.personal[0], _state(2).personal[0])
+    assert s.versions() == [2] and (tmp_path / "round-000005.npz.corrupt").exists()
+    assert "round-000005.npz is corrupted" in caplog.text
+    s.save(_state(7))
+    raw = bytearray((tmp_path / "round-000007.npz").read_bytes())
+    raw[bytes(raw).index(_state(7).personal[0].tobytes()) + 5] ^= 0x01  # one flipped bit in the personal model
+    (tmp_path / "round-000007.npz").write_bytes(bytes(raw))
+    assert s.load(upto=9).round == 2
+    with np.load(tmp_path / "round-000002.npz") as data:  # rewritten whole, with a changed model and the old checksum
+        arrays = {k: data[k] for k in data.files}
+    arrays["p0"] = arrays["p0"] + 1
+    np.savez(tmp_path / "round-000002.npz", **arrays)
+    assert s.load(upto=9) is None, "no good version left: the device starts from the initial model"
+    assert "checksum mismatch" in caplog.text and "starts again from the initial model" in caplog.text
 
 
 def test_a_restarted_device_continues_from_its_saved_personal_model(tmp_path: Path) -> None:
