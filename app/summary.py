@@ -98,15 +98,17 @@ GLOBAL_METHODS = ("global", "qffl", "tilted")  # methods whose only model is the
 
 def roles(group: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(Ditto's personal models, the baselines they are compared with) among the labels of one setting. Baselines:
-    every other model, except the global model of a personalization run where the plain global run of that
-    aggregator exists (the same model, bit for bit) and local training's global model (never trained)."""
+    the global runs (method=global, qffl, tilted) and the other methods' personal models; of the global models
+    trained alongside a personalization method, only a fixed-λ Ditto run's, and only where no plain global run of
+    that aggregator exists (it is the same model, bit for bit; finetune's and APFL's are too, local's never trains,
+    λ = auto's trains on 90 % of the data)."""
     info = group.groupby("label")[["kind", "method.name", "aggregator.name"]].first()
     personal, method = info["kind"] == "personal", info["method.name"]
     plain = set(info.loc[(method == "global") & ~personal, "aggregator.name"])
-    side_global = ~personal & ~method.isin(GLOBAL_METHODS)
-    dropped = side_global & ((method == "local") | info["aggregator.name"].isin(plain))
+    side = ~personal & ~method.isin(GLOBAL_METHODS)
+    stand_in = side & (method == "ditto") & ~info.index.str.contains("λ=auto") & ~info["aggregator.name"].isin(plain)
     ditto = personal & (method == "ditto")
-    return list(info.index[ditto]), list(info.index[~ditto & ~dropped])
+    return list(info.index[ditto]), list(info.index[~ditto & (~side | stand_in)])
 
 
 def paired(table: pd.DataFrame, setting: list[str]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import pytest
 
 from app.launch import flower_env
 from app.report import collect, main, statistics, summary_table
+from app.summary import roles
 from app.simulate import sweep_size
 
 
@@ -142,6 +143,23 @@ def test_report_regenerates_the_same_statistics_and_figures_from_the_collected_c
         assert (tmp_path / "again" / name).stat().st_size > 1000, name
     with pytest.raises(SystemExit):
         main(["--csv", str(sweep)])  # no runs.csv there: a clear error
+
+
+def test_ditto_is_compared_with_each_distinct_baseline_once() -> None:
+    rows = [("ditto λ=1.0 (mean)", "personal", "ditto"), ("ditto λ=auto (mean)", "personal", "ditto"),
+            ("ditto:global (mean)", "global", "ditto"), ("ditto λ=auto:global (mean)", "global", "ditto"),
+            ("finetune:global (mean)", "global", "finetune"), ("finetune (mean)", "personal", "finetune"),
+            ("local:global (mean)", "global", "local"), ("local (mean)", "personal", "local"),
+            ("qffl (mean)", "global", "qffl"), ("global (median)", "global", "global")]
+    group = pd.DataFrame(rows, columns=["label", "kind", "method.name"]).assign(**{"aggregator.name": "mean"})
+    group.loc[group["label"] == "global (median)", "aggregator.name"] = "median"
+    dittos, bases = roles(group)
+    assert sorted(dittos) == ["ditto λ=1.0 (mean)", "ditto λ=auto (mean)"]
+    # no plain global run with the mean: the fixed-lam Ditto run's global model stands in for it, once
+    assert sorted(bases) == ["ditto:global (mean)", "finetune (mean)", "global (median)", "local (mean)", "qffl (mean)"]
+    with_plain = pd.concat([group, group.iloc[:1].assign(label="global (mean)", kind="global", **{"method.name": "global"})])
+    assert sorted(roles(with_plain)[1]) == ["finetune (mean)", "global (mean)", "global (median)", "local (mean)",
+                                            "qffl (mean)"]
 
 
 def test_sweep_size_counts_command_line_and_config_sweeps() -> None:
