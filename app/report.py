@@ -63,6 +63,21 @@ def run_dirs(sweep_dir: Path) -> Iterator[Path]:
                 yield job
 
 
+def _job_config(job: Path) -> dict[str, Any]:
+    """The config of a job that left no results.json: Hydra's composed .hydra/config.yaml (so a model chosen by an
+    experiment arm is named too), else its overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = job / ".hydra" / "config.yaml"
+    if path.exists():
+        try:
+            return _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+        except OmegaConfBaseException:  # an interpolation that only resolves inside the job: the overrides say enough
+            pass
+    return _overrides(job)
+
+
 def _overrides(job: Path) -> dict[str, Any]:
     path = job / ".hydra" / "overrides.yaml"
     if not path.exists():
@@ -121,7 +136,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             else:
                 status, error = "incomplete", "no results.json (still running, or the job was killed)"
             runs.append({"run": name, "status": status, "error": error, "kind": None, "label": None,
-                         **_overrides(job)})
+                         **_job_config(job)})
     return pd.DataFrame(runs), pd.DataFrame(devices)
 
 

@@ -162,6 +162,18 @@ def test_ditto_is_compared_with_each_distinct_baseline_once() -> None:
                                             "qffl (mean)"]
 
 
+def test_a_failed_job_of_an_experiment_arm_is_listed_with_its_composed_config(tmp_path: Path) -> None:
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- +experiment/arm=global_krum\n- attack.fraction=0.8\n")
+    (tmp_path / "0" / ".hydra" / "config.yaml").write_text(
+        "seed: 3\nnum_rounds: ${dataset.num_rounds}\ndataset: {name: digits, num_rounds: 9}\n"
+        "aggregator: {name: krum}\nmethod: {name: global}\nattack: {name: label_poison, fraction: 0.8}\n")
+    (tmp_path / "0" / "failed.json").write_text(json.dumps({"error": "ConfigError: krum needs n >= f + 3"}))
+    run = collect(tmp_path)[0].iloc[0]
+    assert (run["status"], run["aggregator.name"], run["attack.fraction"], run["seed"]) == ("failed", "krum", 0.8, 3)
+    assert run["num_rounds"] == 9  # resolved
+
+
 def test_sweep_size_counts_command_line_and_config_sweeps() -> None:
     assert sweep_size(["method=global,ditto", "seed=0"], {"attack": "none,label_poison", "seed": "0,1,2"}) == 4
     assert sweep_size(["seed=range(0,3)"], {}) == 3
