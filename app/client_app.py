@@ -133,7 +133,8 @@ class DittoClient(NumPyClient):
         if personal is not None:
             checkpoint = config.get("checkpoint_round")
             lineage = (*(stored.trained_rounds if stored is not None else ()), server_round)
-            weights = [a for m in personal for a in get_weights(m)] if isinstance(personal, list) else get_weights(personal)
+            models = personal if isinstance(personal, list) else [personal]
+            weights = [a for m in models for a in get_weights(m)]
             self.store.save(DeviceState(server_round, weights, self._lam_counts(stored, chosen), lineage),
                             checkpoint_round=None if checkpoint is None else int(checkpoint))
         if self.method.trains_global:

@@ -157,7 +157,8 @@ def test_ditto_is_compared_with_each_distinct_baseline_once() -> None:
     assert sorted(dittos) == ["ditto λ=1.0 (mean)", "ditto λ=auto (mean)"]
     # no plain global run with the mean: the fixed-lam Ditto run's global model stands in for it, once
     assert sorted(bases) == ["ditto:global (mean)", "finetune (mean)", "global (median)", "local (mean)", "qffl (mean)"]
-    with_plain = pd.concat([group, group.iloc[:1].assign(label="global (mean)", kind="global", **{"method.name": "global"})])
+    plain = group.iloc[:1].assign(label="global (mean)", kind="global", **{"method.name": "global"})
+    with_plain = pd.concat([group, plain])
     assert sorted(roles(with_plain)[1]) == ["finetune (mean)", "global (mean)", "global (median)", "local (mean)",
                                             "qffl (mean)"]
 
