@@ -62,6 +62,11 @@ def _grid(n: int, cols: int = 4, size: tuple[float, float] = (5, 4.5)):  # -> (F
     return fig, list(axes.flat)
 
 
+def _distinct(df: pd.DataFrame) -> pd.DataFrame:
+    """Without a personalization method's global model where the aggregator's global run exists (the same model)."""
+    return df[[not (":global (" in name and name.split(":", 1)[1] in set(df["label"])) for name in df["label"]]]
+
+
 def plot_scatter(summary: pd.DataFrame, setting: list[str], path: Path) -> None:
     """Benign accuracy (robustness) against the std of per-device accuracy (fairness), one point per model and
     setting, with the 95 % intervals over seeds as error bars on both axes."""
@@ -69,9 +74,7 @@ def plot_scatter(summary: pd.DataFrame, setting: list[str], path: Path) -> None:
     groups = list(summary.groupby(columns, dropna=False)) if columns else [((), summary)]
     fig, axes = _grid(len(groups))
     for ax, (key, df) in zip(axes, groups):
-        # a personalization method's global model is the aggregator's: drawn once where the global run exists
-        shown = df[[not (":global (" in name and name.split(":", 1)[1] in set(df["label"]))
-                    for name in df["label"]]]
+        shown = _distinct(df)
         if shown["label"].str.startswith(TUNED).any():  # the fixed λ are on the λ curve; the best one stays here
             shown = shown[shown["lam_value"].isna()]
         for _, p in shown.iterrows():
@@ -89,16 +92,20 @@ def plot_scatter(summary: pd.DataFrame, setting: list[str], path: Path) -> None:
 
 def plot_corruption(summary: pd.DataFrame, setting: list[str], path: Path) -> None:
     """Benign accuracy (top) and its std across devices (bottom) against the fraction of malicious devices, one
-    column per dataset and attack, one line per model with its 95 % band over seeds."""
+    column per dataset and attack, one line per model with its 95 % band over seeds; the clean runs of the same
+    dataset (attack=none) are the points at 0."""
     plt = _plt()
-    df = summary[summary["attack.name"] != "none"] if "attack.name" in summary else summary.iloc[0:0]
+    attacked = summary["attack.name"] != "none" if "attack.name" in summary else summary.index < 0
+    df, clean = summary[attacked], summary[~attacked].assign(**{"attack.fraction": 0.0})
     keys = [c for c in ("dataset.name", "attack.name") if c in df]
     panels = list(df.groupby(keys, dropna=False)) if keys and not df.empty else []
     fig, axes = plt.subplots(2, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 8), squeeze=False)
     for col, (key, g) in enumerate(panels):
+        if "dataset.name" in keys:
+            g = pd.concat([clean[clean["dataset.name"] == g["dataset.name"].iloc[0]], g])
         for row, metric in enumerate(("benign_acc", "benign_std_acc")):
             ax = axes[row][col]
-            for name, line in g.groupby("label"):
+            for name, line in _distinct(g).groupby("label"):
                 line = line.sort_values("attack.fraction")
                 ax.plot(line["attack.fraction"], line[metric], "o-", ms=3, label=name)
                 ax.fill_between(line["attack.fraction"], line[f"{metric}_lo"], line[f"{metric}_hi"], alpha=0.15)
