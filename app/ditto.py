@@ -134,16 +134,16 @@ def local_round(
 ) -> list[float]:
     """Train `global_model` (holding w^t on entry) and, if given, `personal_model` in place for one round; with
     `train_global=False` only the personal model trains (local training). Returns the lam of each personal step."""
-    personal = [] if personal_model is None else [(personal_model, lam)]
-    chosen = _round(global_model, personal, x, y, steps=steps, batch_size=batch_size, lr=lr, loss_fn=loss_fn,
-                    generator=generator, train_global=train_global)
+    personal = [] if personal_model is None else [personal_model]
+    chosen = multi_lam_round(global_model, personal, [lam] * len(personal), x, y, steps=steps, batch_size=batch_size,
+                             lr=lr, loss_fn=loss_fn, generator=generator, train_global=train_global)
     return chosen[0] if chosen else []
 
 
 def multi_lam_round(
     global_model: nn.Module,
     personal_models: Sequence[nn.Module],
-    lams: Sequence[float],
+    lams: Sequence[float | LamSearch],
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -152,39 +152,22 @@ def multi_lam_round(
     lr: float,
     loss_fn: Objective,
     generator: torch.Generator,
-) -> None:
-    """Ditto with one personal model per fixed lam, on the same batches and against the same w^t: the global
-    trajectory does not depend on lam, so one run gives every lam's personal models. Each personal step starts from
-    the same state of torch's global generator (dropout), as the single personal step of a single-lam run does, so
-    personal model i ends as the single-lam run's for lams[i], bit for bit."""
+    train_global: bool = True,
+) -> list[list[float]]:
+    """Ditto with one personal model per lam, on the same batches and against the same w^t: per mini-batch each
+    personal model takes its step, then the global step. The global trajectory does not depend on lam, so one run
+    gives every lam's personal models: each personal step starts from the same state of torch's global generator
+    (dropout; the models share an architecture, so each step draws alike and the state after any of them is the
+    state after one), so personal model i ends as a single-lam run's for lams[i], bit for bit. Returns, per
+    personal model, the lam of each of its steps."""
     if len(personal_models) != len(lams):
         raise ValueError(f"{len(personal_models)} personal models for {len(lams)} lam values: give one per lam")
-    _round(global_model, list(zip(personal_models, lams)), x, y, steps=steps, batch_size=batch_size, lr=lr,
-           loss_fn=loss_fn, generator=generator, train_global=True)
-
-
-def _round(
-    global_model: nn.Module,
-    personal: list[tuple[nn.Module, float | LamSearch]],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    loss_fn: Objective,
-    generator: torch.Generator,
-    train_global: bool,
-) -> list[list[float]]:
-    """Per mini-batch: each (personal model, lam) takes its step from the same dropout RNG state (the models share
-    an architecture, so each step draws alike and the state after any of them is the state after one), then the
-    global step. Returns, per personal model, the lam of each of its steps."""
     center = [p.detach().clone() for p in global_model.parameters()]
-    chosen: list[list[float]] = [[] for _ in personal]
+    chosen: list[list[float]] = [[] for _ in lams]
     for idx in minibatches(len(y), batch_size, steps, generator):
         xb, yb = x[idx], y[idx]
-        rng = torch.random.get_rng_state() if len(personal) > 1 else None
-        for i, (model, lam) in enumerate(personal):
+        rng = torch.random.get_rng_state() if len(lams) > 1 else None
+        for i, (model, lam) in enumerate(zip(personal_models, lams)):
             if rng is not None:
                 torch.random.set_rng_state(rng)
             if isinstance(lam, LamSearch):
