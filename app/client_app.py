@@ -6,6 +6,7 @@ on the device's own test split. Malicious devices apply the configured attack.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from app.data import load_federation
 from app.methods import METHODS, apfl_round, mix_into
 from app.models import build_model, get_weights, objective, set_weights
 from app.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
+from app.results import personal_kind
 from app.rogue import rogue_client
 
 # lam auto (the paper): the grid and the fixed lam for devices with too little validation data, by attack strength
@@ -45,9 +47,11 @@ class DittoClient(NumPyClient):
         data = federation.devices[partition_id]
         self.x_test, self.y_test = data.x_test, data.y_test
         lam = cfg.method.get("lam", 0.0)
-        self.lam: float | ditto.LamSearch
+        self.lam: float | ditto.LamSearch | tuple[float, ...]  # a tuple: one personal model per lam (multi_lam_round)
         if lam == "auto":
             self.x_train, y_train, self.lam = self._hold_out_validation(data.x_train, data.y_train)
+        elif isinstance(lam, Sequence):
+            self.x_train, y_train, self.lam = data.x_train, data.y_train, tuple(float(v) for v in lam)
         else:
             self.x_train, y_train, self.lam = data.x_train, data.y_train, float(lam)
         self.y_train = self._poisoned(y_train) if self.malicious and corrupts_labels(cfg.attack) else y_train
@@ -73,15 +77,20 @@ class DittoClient(NumPyClient):
         train, val = order[: len(y) - n_val], order[len(y) - n_val :]
         return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
 
-    def _personal_model(self, state: DeviceState | None) -> torch.nn.Module:
-        """The stored personal model, or the initial global model if this device never trained."""
+    def _personal_model(self, state: DeviceState | None, index: int = 0) -> torch.nn.Module:
+        """The stored personal model (with a lam list: the one of lam number `index`; the state holds their arrays
+        one model after another), or the initial global model if this device never trained."""
         model = self._build()
         if state is not None:
-            set_weights(model, state.personal)
+            n = len(state.personal) // (len(self.lam) if isinstance(self.lam, tuple) else 1)
+            set_weights(model, state.personal[index * n : (index + 1) * n])
         return model
 
     def _reported_lam(self, state: DeviceState | None) -> float | None:
-        """The lam this device trains with: fixed, or (auto) the grid value chosen most often so far."""
+        """The lam this device trains with: fixed, or (auto) the grid value chosen most often so far; None with a
+        lam list (each personal model is reported under its own lam)."""
+        if isinstance(self.lam, tuple):
+            return None
         if not isinstance(self.lam, ditto.LamSearch):
             return self.lam
         if state is None or state.lam_counts is None:
@@ -116,13 +125,18 @@ class DittoClient(NumPyClient):
         chosen: list[float] = []
         if self.method.personal == "apfl":
             apfl_round(global_model, personal, self.x_train, self.y_train, alpha=float(self.cfg.method.alpha), **steps)
+        elif isinstance(self.lam, tuple):
+            personal = [personal, *(self._personal_model(stored, i) for i in range(1, len(self.lam)))]
+            ditto.multi_lam_round(global_model, personal, self.lam, self.x_train, self.y_train, **steps)
         else:
             chosen = ditto.local_round(global_model, personal, self.x_train, self.y_train, lam=self.lam,
                                        train_global=self.method.trains_global, **steps)
         if personal is not None:
             checkpoint = config.get("checkpoint_round")
             lineage = (*(stored.trained_rounds if stored is not None else ()), server_round)
-            self.store.save(DeviceState(server_round, get_weights(personal), self._lam_counts(stored, chosen), lineage),
+            models = personal if isinstance(personal, list) else [personal]
+            weights = [a for m in models for a in get_weights(m)]
+            self.store.save(DeviceState(server_round, weights, self._lam_counts(stored, chosen), lineage),
                             checkpoint_round=None if checkpoint is None else int(checkpoint))
         if self.method.trains_global:
             update = [w - w0 for w, w0 in zip(get_weights(global_model), parameters)]
@@ -168,7 +182,12 @@ class DittoClient(NumPyClient):
         }
         server_round = int(config.get("server_round", 0))
         stored = self.store.load(upto=server_round) if self.method.personal is not None else None
-        if self.method.evaluates is not None:
+        if isinstance(self.lam, tuple) and self.method.evaluates == "stored":  # one entry per lam
+            for i, lam in enumerate(self.lam):
+                kind = personal_kind(lam)
+                metrics[f"correct_{kind}"], metrics[f"loss_{kind}"] = ditto.evaluate(
+                    self._personal_model(stored, i), self.x_test, self.y_test, self.objective)
+        elif self.method.evaluates is not None:
             personal = self._evaluated_personal(model, server_round, stored)
             metrics["correct_personal"], metrics["loss_personal"] = ditto.evaluate(
                 personal, self.x_test, self.y_test, self.objective

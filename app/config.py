@@ -65,6 +65,13 @@ def _choice(cfg: DictConfig, key: str, options: Mapping[str, Any] | Sequence[str
     _check(cfg, key, lambda v: v in names, f"one of {', '.join(names)}{fix}")
 
 
+def _lam(v: Any) -> bool:
+    """method.lam: a number >= 0, auto, or (method=ditto) a non-empty list of distinct numbers >= 0."""
+    if isinstance(v, Sequence) and not isinstance(v, str):
+        return len(v) > 0 and all(_real(0)(x) for x in v) and len({float(x) for x in v}) == len(v)
+    return v == "auto" or _real(0)(v)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot be used."""
     from app.attacks import ATTACKS, aggregator_f
@@ -167,8 +174,9 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(cfg, "method.name", METHODS, "method")
     method_options = {
-        "lam": (lambda v: v == "auto" or _real(0)(v),
-                "a number >= 0 (0: local training; large: close to the global model) or auto"),
+        "lam": (_lam, "a number >= 0 (0: local training; large: close to the global model), auto, or (method=ditto) "
+                "a list of distinct numbers >= 0 such as [0.1,1]: one personal model per lam on the same global "
+                "run. auto runs on its own: it holds out validation data from the global model's training too"),
         "strong_attack": (lambda v: isinstance(v, bool), "true or false"),
         "val_fraction": (_real(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
         "val_split": (lambda v: v in ("last", "random"), "last (official) or random"),
@@ -180,6 +188,10 @@ def validate(cfg: DictConfig) -> None:
     for option, (ok, allowed) in method_options.items():
         if option in cfg.method:
             _check(cfg, f"method.{option}", ok, allowed)
+    lam = cfg.method.get("lam")
+    if isinstance(lam, Sequence) and not isinstance(lam, str) and cfg.method.name != "ditto":
+        raise ConfigError(f"config key 'method.lam' = {list(lam)!r} is not allowed with method={cfg.method.name}: a "
+                          "lam list trains one Ditto personal model per lam. Use method=ditto, or a single lam.")
     if cfg.resume and cfg.personal_state != "disk" and METHODS[cfg.method.name].personal is not None:
         raise ConfigError("config key 'resume' = True is not allowed with personal_state='memory': personal models "
                           "in memory do not outlive the run. Set personal_state=disk (before the run to resume).")

@@ -134,16 +134,47 @@ def local_round(
 ) -> list[float]:
     """Train `global_model` (holding w^t on entry) and, if given, `personal_model` in place for one round; with
     `train_global=False` only the personal model trains (local training). Returns the lam of each personal step."""
+    personal = [] if personal_model is None else [personal_model]
+    chosen = multi_lam_round(global_model, personal, [lam] * len(personal), x, y, steps=steps, batch_size=batch_size,
+                             lr=lr, loss_fn=loss_fn, generator=generator, train_global=train_global)
+    return chosen[0] if chosen else []
+
+
+def multi_lam_round(
+    global_model: nn.Module,
+    personal_models: Sequence[nn.Module],
+    lams: Sequence[float | LamSearch],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    loss_fn: Objective,
+    generator: torch.Generator,
+    train_global: bool = True,
+) -> list[list[float]]:
+    """Ditto with one personal model per lam, on the same batches and against the same w^t: per mini-batch each
+    personal model takes its step, then the global step. The global trajectory does not depend on lam, so one run
+    gives every lam's personal models: each personal step starts from the same state of torch's global generator
+    (dropout; the models share an architecture, so each step draws alike and the state after any of them is the
+    state after one), so personal model i ends as a single-lam run's for lams[i], bit for bit. Returns, per
+    personal model, the lam of each of its steps."""
+    if len(personal_models) != len(lams):
+        raise ValueError(f"{len(personal_models)} personal models for {len(lams)} lam values: give one per lam")
     center = [p.detach().clone() for p in global_model.parameters()]
-    chosen: list[float] = []
+    chosen: list[list[float]] = [[] for _ in lams]
     for idx in minibatches(len(y), batch_size, steps, generator):
         xb, yb = x[idx], y[idx]
-        if personal_model is not None:
+        rng = torch.random.get_rng_state() if len(lams) > 1 else None
+        for i, (model, lam) in enumerate(zip(personal_models, lams)):
+            if rng is not None:
+                torch.random.set_rng_state(rng)
             if isinstance(lam, LamSearch):
-                chosen.append(auto_lam_step(personal_model, xb, yb, lr, loss_fn, center, lam))
+                chosen[i].append(auto_lam_step(model, xb, yb, lr, loss_fn, center, lam))
             else:
-                sgd_step(personal_model, xb, yb, lr, loss_fn, prox_center=center, lam=lam)
-                chosen.append(lam)
+                sgd_step(model, xb, yb, lr, loss_fn, prox_center=center, lam=lam)
+                chosen[i].append(lam)
         if train_global:
             sgd_step(global_model, xb, yb, lr, loss_fn)
     return chosen

@@ -1,16 +1,22 @@
-"""Collector: `python -m app.report SWEEP_DIR [--out DIR]` turns every run of a sweep into one tidy table and the
-paper's pictures.
+"""Collector: `python -m app.report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]` turns every run of one or more sweeps
+into tidy tables, statistics over seeds and the paper's pictures; `python -m app.report --csv DIR [--out DIR]`
+regenerates everything but the CSVs of runs from a folder of collected CSVs (runs.csv, devices.csv), such as
+docs/results/.
 
-Writes into DIR (default SWEEP_DIR/report):
-- runs.csv: one row per run and model kind (global / personal), every config key as a column (dotted names), the
-  final metrics, and `status` (ok / failed / incomplete) with `error`: runs that failed or stopped early are listed,
-  never dropped;
+Writes into DIR (default: the first SWEEP_DIR/report, or the --csv folder):
+- runs.csv: one row per run and model kind (global / personal; a λ-list run gives one personal row per λ), every
+  config key as a column (dotted names), the final metrics, and `status` (ok / failed / incomplete) with `error`:
+  runs that failed or stopped early are listed, never dropped;
 - devices.csv: one row per run, model kind and device (per-device accuracy, malicious flag);
-- table.md: benign accuracy ± std of accuracy per attack and corruption level, per model, averaged over seeds;
-- scatter.png (benign accuracy vs std: fair methods are not robust, robust ones are not fair, Ditto is both),
-  lambda.png (accuracy and std vs lambda), corruption.png (accuracy vs corruption level per attack),
-  per_device.png (per-device accuracy distributions, global vs personal).
-The plotting functions take the DataFrames, so notebooks/analysis.ipynb draws the same figures from the CSV files.
+- summary.csv: per setting and model, over seeds, the mean and 95 % t-interval of benign accuracy, std across
+  benign devices and worst-10 % accuracy (app/summary.py, app/stats.py);
+- paired.csv: per setting, Ditto model and baseline, the paired difference Ditto − baseline per seed, its mean,
+  t-interval, whether it excludes 0 and which way;
+- table.md: both tables in Markdown;
+- scatter.png (benign accuracy vs std with intervals: fair methods are not robust, robust ones are not fair, Ditto
+  is both), lambda.png (accuracy and std vs λ with bands), corruption.png (accuracy and std vs corruption level per
+  attack, with bands), per_device.png (per-device accuracy distributions, global vs personal).
+The figures come from app/figures.py, so notebooks/analysis.ipynb draws the same ones from the same CSV files.
 """
 
 from __future__ import annotations
@@ -24,9 +30,15 @@ from typing import Any
 
 import pandas as pd
 
+from app import figures
+from app.results import LAM_TAG
+from app.summary import METRICS as CI_METRICS
+from app.summary import paired, per_seed, summarize
+
 METRICS = ("benign_acc", "benign_mean_acc", "benign_std_acc", "benign_var_acc", "benign_worst10_acc", "malicious_acc")
 FACETS = ["attack.name", "attack.fraction"]
 GROUPS = ("dataset", "attack", "aggregator", "method")
+FIGURES = ("scatter.png", "lambda.png", "corruption.png", "per_device.png")
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,6 +61,21 @@ def run_dirs(sweep_dir: Path) -> Iterator[Path]:
             if job not in seen and "report" not in job.relative_to(sweep_dir).parts:
                 seen.add(job)
                 yield job
+
+
+def _job_config(job: Path) -> dict[str, Any]:
+    """The config of a job that left no results.json: Hydra's composed .hydra/config.yaml (so a model chosen by an
+    experiment arm is named too), else its overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = job / ".hydra" / "config.yaml"
+    if path.exists():
+        try:
+            return _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+        except OmegaConfBaseException:  # an interpolation that only resolves inside the job: the overrides say enough
+            pass
+    return _overrides(job)
 
 
 def _overrides(job: Path) -> dict[str, Any]:
@@ -74,6 +101,8 @@ def label(row: dict[str, Any]) -> str:
     method = row.get("method.name", "?")
     if method in ("global", "qffl", "tilted"):
         return f"{method} ({aggregator})"
+    if method == "ditto" and row.get("method.lam") == "auto":  # trained on 90 % of the data: a global model of its own
+        method = "ditto λ=auto"
     return f"{method}:global ({aggregator})"  # the global model trained alongside a personalization method
 
 
@@ -89,16 +118,17 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             done = len(r.get("rounds", []))
             status = "ok" if done >= int(config.get("num_rounds", done)) else "incomplete"
             error = "" if status == "ok" else f"{done} of {config.get('num_rounds')} rounds"
-            for kind in ("global", "personal"):
-                final = r["final"].get(kind)
+            for entry, final in r["final"].items():
                 if final is None:
                     continue
+                kind, _, lam = entry.partition(LAM_TAG)  # personal@lam=X: the personal models of lam X
                 row = {"run": name, "status": status, "error": error, "kind": kind, **config,
-                       "rounds_done": done, **{m: final.get(m) for m in METRICS}}
+                       **({"method.lam": float(lam)} if lam else {}), "rounds_done": done,
+                       **{m: final.get(m) for m in METRICS}}
                 row["label"] = label(row)
                 runs.append(row)
                 devices += [{"run": name, "kind": kind, "label": row["label"], **{k: config.get(k) for k in FACETS},
-                             "client_id": c["client_id"], "malicious": c["malicious"], "acc": c.get(f"acc_{kind}")}
+                             "client_id": c["client_id"], "malicious": c["malicious"], "acc": c.get(f"acc_{entry}")}
                             for c in r.get("clients", [])]
         else:
             if failed.exists():
@@ -106,159 +136,141 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             else:
                 status, error = "incomplete", "no results.json (still running, or the job was killed)"
             runs.append({"run": name, "status": status, "error": error, "kind": None, "label": None,
-                         **_overrides(job)})
+                         **_job_config(job)})
     return pd.DataFrame(runs), pd.DataFrame(devices)
 
 
-def summary_table(runs: pd.DataFrame) -> str:
-    """Markdown: benign accuracy ± std per (attack, corruption level) and model, mean over seeds."""
-    ok = runs[runs["status"] == "ok"]
-    if ok.empty:
+def collect_all(sweep_dirs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`collect` over several sweeps; with more than one, each run's name starts with its sweep folder's name."""
+    parts = [collect(d) for d in sweep_dirs]
+    if len(sweep_dirs) > 1:
+        for d, (runs, devices) in zip(sweep_dirs, parts):
+            for df in (runs, devices):
+                if not df.empty:
+                    df["run"] = d.name + "/" + df["run"]
+    return (pd.concat([p[0] for p in parts], ignore_index=True), pd.concat([p[1] for p in parts], ignore_index=True))
+
+
+def _cell(mean: float, lo: float, hi: float, signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    if pd.isna(mean):
+        return ""
+    return f.format(mean) + ("" if pd.isna(lo) else f" [{f.format(lo)}, {f.format(hi)}]")
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+
+
+def interval_table(summary: pd.DataFrame, setting: list[str]) -> str:
+    """Markdown: per setting and model, the mean over seeds [95 % t-interval] of each metric."""
+    columns = figures.panel_columns(summary, setting)
+    header = [*columns, "model", "seeds", *(f"{figures.LABELS[m]} [95 % CI]" for m in CI_METRICS)]
+    rows = [[*(str(r[c]) for c in columns), r["label"], str(r["n_seeds"]),
+             *(_cell(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in CI_METRICS)] for _, r in summary.iterrows()]
+    return _markdown(header, rows)
+
+
+def paired_table(pairs: pd.DataFrame, setting: list[str], summary: pd.DataFrame) -> str:
+    """Markdown: per setting, Ditto model and baseline, the mean paired difference [95 % t-interval] of each metric
+    and whether the interval excludes 0 (then: which way for Ditto)."""
+    columns = figures.panel_columns(summary, setting)
+    header = [*columns, "Ditto", "baseline", "seeds"]
+    for m in CI_METRICS:
+        header += [f"Δ {figures.LABELS[m]} [95 % CI]", "excludes 0"]
+    rows = []
+    for _, r in pairs.iterrows():
+        row = [*(str(r[c]) for c in columns), r["ditto"], r["baseline"], str(r["n_seeds"])]
+        for m in CI_METRICS:
+            verdict = r[f"d_{m}_verdict"]
+            row += [_cell(r[f"d_{m}"], r[f"d_{m}_lo"], r[f"d_{m}_hi"], signed=True),
+                    "no" if verdict == "n.s." else f"yes ({verdict})"]
+        rows.append(row)
+    return _markdown(header, rows)
+
+
+def statistics(runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
+    """(setting columns, summary, paired) of the completed runs (app/summary.py)."""
+    if not (runs["status"] == "ok").any():
+        return [], pd.DataFrame(columns=["label", *CI_METRICS]), pd.DataFrame()
+    table, setting = per_seed(runs)
+    return setting, summarize(table, setting), paired(table, setting)
+
+
+def markdown(setting: list[str], summary: pd.DataFrame, pairs: pd.DataFrame) -> str:
+    """table.md: the interval table and the paired-difference table."""
+    if summary.empty:
         return "(no completed runs)\n"
-    facets = [f for f in FACETS if f in ok]
-    grouped = ok.groupby([*facets, "label"])[["benign_acc", "benign_std_acc"]].mean().reset_index()
-    grouped["cell"] = grouped.apply(lambda r: f"{r['benign_acc']:.3f} ± {r['benign_std_acc']:.3f}", axis=1)
-    table = grouped.pivot_table(index=facets, columns="label", values="cell", aggfunc="first")
-    lines = ["| " + " | ".join([*facets, *table.columns]) + " |", "|" + "---|" * (len(facets) + len(table.columns))]
-    for index, row in table.iterrows():
-        keys = index if isinstance(index, tuple) else (index,)
-        lines.append("| " + " | ".join([*(str(k) for k in keys), *(str(v) if pd.notna(v) else "" for v in row)]) + " |")
-    return "\n".join(lines) + "\n"
+    text = ("## Mean over seeds [95 % t-interval over seeds]\n\n" + interval_table(summary, setting)
+            + "\n## Paired difference Ditto − baseline, same seeds [95 % t-interval over seeds]\n\n")
+    return text + (paired_table(pairs, setting, summary) if not pairs.empty else "(no Ditto run with a baseline)\n")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def summary_table(runs: pd.DataFrame) -> str:
+    """table.md of `runs`."""
+    return markdown(*statistics(runs))
 
 
-def _finish(fig, axes, path: Path, fontsize: int = 7) -> None:  # axes: iterable of matplotlib Axes
-    """Legends where something is drawn, then save and close."""
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=fontsize)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    fig.clf()
-
-
-def _facets(ok: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
-    facets = [f for f in FACETS if f in ok]
-    return list(ok.groupby(facets)) if facets else [((), ok)]
-
-
-def plot_scatter(runs: pd.DataFrame, path: Path) -> None:
-    """Benign accuracy (robustness) against the std of per-device accuracy (fairness), one point per model."""
-    plt = _plt()
-    groups = _facets(runs[runs["status"] == "ok"])
-    cols = min(4, max(1, len(groups)))
-    rows = -(-max(1, len(groups)) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.5 * rows), squeeze=False)
-    for ax in axes.flat[len(groups):]:
-        ax.set_visible(False)
-    for ax, (key, df) in zip(axes.flat, groups):
-        points = df.groupby("label")[["benign_acc", "benign_std_acc"]].mean()
-        # a personalization method's global model is the aggregator's: drawn once where the global run exists
-        points = points[[not (":global (" in name and name.split(":", 1)[1] in points.index) for name in points.index]]
-        for name, p in points.iterrows():
-            marker = "*" if name.startswith("ditto") else "o"
-            ax.scatter(p["benign_std_acc"], p["benign_acc"], marker=marker, s=120 if marker == "*" else 40)
-            ax.annotate(name, (p["benign_std_acc"], p["benign_acc"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set_xlabel("std of benign per-device accuracy (fairness: lower is better)")
-        ax.set_ylabel("benign accuracy (robustness)")
-        ax.set_title(" ".join(str(k) for k in key) if key else "all runs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_lambda(runs: pd.DataFrame, path: Path) -> None:
-    """Ditto's personal models: benign accuracy and its std against lambda, one line per attack."""
-    plt = _plt()
-    df = runs[(runs["status"] == "ok") & (runs["kind"] == "personal") & (runs.get("method.name") == "ditto")].copy()
-    df["lam"] = pd.to_numeric(df.get("method.lam"), errors="coerce")
-    df = df.dropna(subset=["lam"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, g in _facets(df):
-        curve = g.groupby("lam")[["benign_acc", "benign_std_acc"]].mean()
-        for ax, metric in zip(axes, ("benign_acc", "benign_std_acc")):
-            ax.plot(curve.index, curve[metric], "o-", label=" ".join(str(k) for k in key))
-    for ax, metric in zip(axes, ("benign accuracy", "std of benign per-device accuracy")):
-        ax.set_xscale("symlog", linthresh=0.05)
-        ax.set_xlabel("λ")
-        ax.set_ylabel(metric)
-    _finish(fig, axes, path)
-    plt.close(fig)
-
-
-def plot_corruption(runs: pd.DataFrame, path: Path) -> None:
-    """Benign accuracy against the fraction of malicious devices, one panel per attack, one line per model."""
-    plt = _plt()
-    ok = runs[runs["status"] == "ok"]
-    attacks = sorted(ok["attack.name"].unique()) if "attack.name" in ok else []
-    fig, axes = plt.subplots(1, max(1, len(attacks)), figsize=(5 * max(1, len(attacks)), 4), squeeze=False)
-    for ax, attack in zip(axes[0], attacks):
-        df = ok[ok["attack.name"] == attack]
-        for name, g in df.groupby("label"):
-            curve = g.groupby("attack.fraction")["benign_acc"].mean()
-            ax.plot(curve.index, curve.values, "o-", label=name)
-        ax.set_title(attack)
-        ax.set_xlabel("fraction of malicious devices")
-        ax.set_ylabel("benign accuracy")
-    _finish(fig, axes[0], path, fontsize=6)
-    plt.close(fig)
-
-
-def plot_per_device(devices: pd.DataFrame, path: Path) -> None:
-    """Distribution of benign devices' accuracy per model (global models vs personal models), pooled over runs."""
-    plt = _plt()
-    benign = devices[~devices["malicious"].astype(bool)] if not devices.empty else devices
-    labels = sorted(benign["label"].unique()) if not benign.empty else []
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.5))
-    if labels:
-        ax.boxplot([benign[benign["label"] == name]["acc"].dropna() for name in labels])
-        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("benign per-device accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def report(sweep_dir: Path, out_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Collect `sweep_dir` and write the CSV files, the table and the plots into `out_dir`."""
-    out_dir = out_dir or sweep_dir / "report"
+def regenerate(csv_dir: Path, out_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """From collected runs.csv and devices.csv in `csv_dir`: summary.csv, paired.csv, table.md and the figures in
+    `out_dir` (default: `csv_dir`); returns (summary, paired)."""
+    out_dir = out_dir or csv_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs, devices = collect(sweep_dir)
+    for name in ("runs.csv", "devices.csv"):
+        if not (csv_dir / name).exists():
+            raise SystemExit(f"no {name} in {csv_dir}: give a folder written by python -m app.report SWEEP_DIR")
+    runs, devices = pd.read_csv(csv_dir / "runs.csv"), pd.read_csv(csv_dir / "devices.csv")
+    setting, summary, pairs = statistics(runs)
+    (out_dir / "table.md").write_text(markdown(setting, summary, pairs))
+    summary.to_csv(out_dir / "summary.csv", index=False)
+    pairs.to_csv(out_dir / "paired.csv", index=False)
+    figures.plot_scatter(summary, setting, out_dir / "scatter.png")
+    figures.plot_lambda(summary, setting, out_dir / "lambda.png")
+    figures.plot_corruption(summary, setting, out_dir / "corruption.png")
+    figures.plot_per_device(devices, out_dir / "per_device.png")
+    return summary, pairs
+
+
+def report(sweep_dirs: Path | list[Path], out_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Collect the sweeps into runs.csv and devices.csv in `out_dir` (default: the first sweep's report/), then
+    regenerate the statistics and figures from those files; returns (runs, devices)."""
+    sweep_dirs = [sweep_dirs] if isinstance(sweep_dirs, Path) else list(sweep_dirs)
+    out_dir = out_dir or sweep_dirs[0] / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs, devices = collect_all(sweep_dirs)
     if runs.empty:
-        raise SystemExit(f"no runs under {sweep_dir}: give the folder of a Hydra sweep (multirun/...)")
+        raise SystemExit(f"no runs under {', '.join(map(str, sweep_dirs))}: give the folder of a Hydra sweep "
+                         "(multirun/...)")
     runs.to_csv(out_dir / "runs.csv", index=False)
     devices.to_csv(out_dir / "devices.csv", index=False)
-    (out_dir / "table.md").write_text(summary_table(runs))
-    plot_scatter(runs, out_dir / "scatter.png")
-    plot_lambda(runs, out_dir / "lambda.png")
-    plot_corruption(runs, out_dir / "corruption.png")
-    plot_per_device(devices, out_dir / "per_device.png")
+    regenerate(out_dir)
     return runs, devices
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="Collect a sweep's results into runs.csv, devices.csv and plots.")
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="default: SWEEP_DIR/report")
+    parser = argparse.ArgumentParser(description="Collect sweeps into runs.csv, devices.csv, statistics over seeds "
+                                     "and figures; or (--csv) regenerate the statistics and figures from those CSVs.")
+    parser.add_argument("sweep_dirs", type=Path, nargs="*")
+    parser.add_argument("--csv", type=Path, default=None, help="a folder with runs.csv and devices.csv")
+    parser.add_argument("--out", type=Path, default=None, help="default: SWEEP_DIR/report, or the --csv folder")
     args = parser.parse_args(argv)
-    runs, _ = report(args.sweep_dir, args.out)
+    if (args.csv is None) == (not args.sweep_dirs):
+        parser.error("give one or more SWEEP_DIRs, or --csv DIR (not both)")
+    if args.csv is not None:
+        regenerate(args.csv, args.out)
+        print(f"wrote summary.csv, paired.csv, table.md and {len(FIGURES)} plots to {args.out or args.csv}")
+        return 0
+    out = args.out or args.sweep_dirs[0] / "report"
+    runs, _ = report(args.sweep_dirs, out)
     jobs = runs.drop_duplicates("run")
     bad = jobs[jobs["status"] != "ok"]
     print(f"{len(jobs)} runs: {int((jobs['status'] == 'ok').sum())} complete, "
           f"{int((jobs['status'] == 'failed').sum())} failed, {int((jobs['status'] == 'incomplete').sum())} incomplete")
     for _, row in bad.iterrows():
         print(f"  {row['status']}: {row['run']}: {row['error']}")
-    print(summary_table(runs), end="")
-    print(f"wrote runs.csv, devices.csv, table.md and 4 plots to {args.out or args.sweep_dir / 'report'}")
+    print((out / "table.md").read_text(), end="")
+    print(f"wrote runs.csv, devices.csv, summary.csv, paired.csv, table.md and {len(FIGURES)} plots to {out}")
     return 0
 
 

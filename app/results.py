@@ -17,6 +17,17 @@ from app.methods import Method
 from app.metrics import accuracy_summary
 
 KINDS = ("global", "personal")
+LAM_TAG = "@lam="  # a run with a lam list (method.lam=[...]) reports each lam's personal models as personal@lam=X
+
+
+def personal_kind(lam: float) -> str:
+    """The model kind of the personal models trained with `lam` in a lam-list run, e.g. personal@lam=0.1."""
+    return f"personal{LAM_TAG}{float(lam)!r}"
+
+
+def model_kinds(row: dict[str, Any]) -> list[str]:
+    """The model kinds one device's evaluation metrics hold: KINDS, then the per-lam kinds in the row's order."""
+    return [*KINDS, *(k.removeprefix("correct_") for k in row if k.startswith(f"correct_personal{LAM_TAG}"))]
 
 
 def required_metrics(method: Method) -> frozenset[str]:
@@ -40,8 +51,9 @@ class RunRecorder:
         """Summary metrics per model kind for one evaluation round (the strategy's `evaluate_metrics_fn`)."""
         n_test = np.array([r["n_test"] for r in rows])
         flags = np.array([r["partition_id"] in self.malicious for r in rows], dtype=bool)
+        kinds = model_kinds(rows[0]) if rows else list(KINDS)
         summary: dict[str, Any] = {}
-        for kind in KINDS:
+        for kind in kinds:
             key = f"correct_{kind}"
             summary[kind] = (
                 accuracy_summary(np.array([r[key] for r in rows]), n_test, flags) if rows and key in rows[0] else None
@@ -53,7 +65,7 @@ class RunRecorder:
                 "n_train": int(r["n_train"]),
                 "n_test": int(r["n_test"]),
                 **{f"acc_{kind}": (r[f"correct_{kind}"] / r["n_test"] if f"correct_{kind}" in r else None)
-                   for kind in KINDS},
+                   for kind in kinds},
                 "lam": r.get("lam"),  # Ditto / local: the device's lam (auto: the grid value it chose most often)
                 "personal_round": r.get("personal_round"),  # the round its personal model last trained in
                 "personal_updates": r.get("personal_updates"),  # how many rounds it trained, restarts included
@@ -107,7 +119,8 @@ def format_table(final: dict[str, Any]) -> str:
         return "   -  " if v is None else f"{v:6.3f}"
 
     lines = ["model     benign_acc  mean_acc   std    worst10%  malicious_acc"]
-    for kind, name in (("global", "global"), ("personal", "ditto")):
+    for kind in ("global", *(k for k in final if k.startswith("personal"))):
+        name = "global" if kind == "global" else "ditto" + kind.removeprefix("personal").replace(LAM_TAG, " λ=")
         m = final.get(kind)
         if m:
             lines.append(f"{name:<9} {cell(m['benign_acc'])}      {cell(m['benign_mean_acc'])}    "
@@ -132,8 +145,9 @@ def _plot_clients(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in KINDS if rows and rows[0][f"acc_{k}"] is not None]
-    label = {"personal": "ditto (personal)", "global": "global"}
+    first = rows[0] if rows else {}
+    kinds = [k.removeprefix("acc_") for k in first if k.startswith("acc_") and first[k] is not None]
+    label = {k: "global" if k == "global" else "ditto (" + k.replace(LAM_TAG, ", λ=") + ")" for k in kinds}
     if len(rows) > BARS_UP_TO:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for kind in kinds:
