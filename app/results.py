@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from logging import INFO
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ def model_kinds(row: dict[str, Any]) -> list[str]:
     return [*KINDS, *(k.removeprefix("correct_") for k in row if k.startswith(f"correct_personal{LAM_TAG}"))]
 
 
-def required_metrics(method: Method) -> frozenset[str]:
-    """The evaluation metrics every device of a run of `method` must send (RunRecorder reads them)."""
-    kinds = ("global", "personal") if method.evaluates is not None else ("global",)
+def required_metrics(method: Method, lams: Sequence[float] | None = None) -> frozenset[str]:
+    """The evaluation metrics every device of a run of `method` must send (RunRecorder reads them); with `lams` (a
+    lam-list run), one personal kind per lam instead of `personal`."""
+    personal_kinds = ("personal",) if lams is None else tuple(personal_kind(lam) for lam in lams)
+    kinds = ("global", *personal_kinds) if method.evaluates is not None else ("global",)
     personal = ("personal_round", "personal_updates") if method.personal is not None else ()
     return frozenset({"n_train", "n_test", *personal, *(f"{p}_{k}" for k in kinds for p in ("correct", "loss"))})
 

@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig, SimpleClientManager
 from flwr.server.history import History
 from flwr.server.server import fit_clients
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from app.attacks import aggregator_f, attackers, threat_model
 from app.config import check_flwr_run, config_from_overrides
@@ -127,6 +127,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
     model = build_model(cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed)
     malicious = attackers(cfg)
     f = aggregator_f(cfg)
+    lams = list(cfg.method.lam) if isinstance(cfg.method.get("lam"), ListConfig) else None  # a lam-list run
     sizes = None
     if cfg.sampling == "size":  # the devices' training counts, as each client trains on them (after lam auto's hold-out)
         auto = cfg.method.get("lam") == "auto"
@@ -150,7 +151,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         max_update_norm=None if cfg.max_update_norm is None else float(cfg.max_update_norm),
         sample_sizes=sizes,
         device_keys=None if cfg.device_keys is None else load_device_keys(Path(cfg.device_keys), cfg.num_clients),
-        evaluation_keys=required_metrics(METHODS[cfg.method.name]),
+        evaluation_keys=required_metrics(METHODS[cfg.method.name], lams),
     )
     return ServerAppComponents(server=ResultsServer(strategy, recorder, cfg),
                                config=ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout))

@@ -17,6 +17,7 @@ from app.methods import METHODS, apfl_round, mix_into
 from app.models import get_weights
 from app.persistence import MemoryStore
 from app.results import required_metrics
+from app.server_app import build_components
 from strategies import RobustStrategy, build_aggregator
 from strategies.fair import qffl, tilted
 from strategies.replies import check_evaluation
@@ -188,3 +189,17 @@ def test_every_methods_evaluation_reply_passes_the_servers_check(method: str) ->
     loss, n, metrics = client.evaluate(params, {"server_round": 1})
     reply = EvaluateRes(status=Status(code=Code.OK, message=""), loss=loss, num_examples=n, metrics=metrics)
     assert check_evaluation(reply, 1, required_metrics(METHODS[method])) is None
+
+
+def test_a_lam_list_devices_evaluation_reply_passes_the_servers_check(tmp_path) -> None:
+    """A lam-list run sends one personal kind per lam (personal@lam=X) and no plain `personal`: the server must ask
+    for those, or it would refuse every reply of the run."""
+    cfg = compose_config([*SMALL, "method.lam=[0.1,1.0]"])
+    client = DittoClient(cfg, 1, MemoryStore(RecordDict()))
+    params = get_weights(client._build())
+    client.fit(params, {"server_round": 1})
+    loss, n, metrics = client.evaluate(params, {"server_round": 1})
+    reply = EvaluateRes(status=Status(code=Code.OK, message=""), loss=loss, num_examples=n, metrics=metrics)
+    required = build_components(cfg, tmp_path).server.strategy.evaluation_keys
+    assert {"correct_personal@lam=0.1", "correct_personal@lam=1.0"} <= required
+    assert check_evaluation(reply, 1, required) is None
