@@ -30,9 +30,10 @@ def round_generator(seed: int, device: int, server_round: int, stream: int) -> t
 
 
 def seed_global_rng(seed: int, device: int, server_round: int) -> None:
-    """Seed torch's global CPU generator (what dropout draws from) for this device's round (stream 3), so masks do
-    not depend on which worker runs it."""
-    torch.random.default_generator.manual_seed(int(round_generator(seed, device, server_round, 3).initial_seed()))
+    """Seed torch's global generators, CPU and CUDA (what dropout draws from), for this device's round (stream 3),
+    so masks do not depend on which worker runs it (on a GPU they come from the CUDA generator: other masks than on
+    the CPU, the same ones run after run)."""
+    torch.manual_seed(int(round_generator(seed, device, server_round, 3).initial_seed()))
 
 
 def sgd_step(
@@ -58,12 +59,14 @@ def sgd_step(
     return float(loss.detach())
 
 
-def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """`steps` index batches that walk through seeded shuffles of range(n), reshuffling after each pass."""
-    perm, pos = torch.randperm(n, generator=generator), 0
+def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator,
+                device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """`steps` index batches that walk through seeded shuffles of range(n), reshuffling after each pass. Shuffles are
+    drawn on the CPU (the same batches on every device) and moved to `device` once per pass, not per batch."""
+    perm, pos = torch.randperm(n, generator=generator).to(device), 0
     for _ in range(steps):
         if pos + min(batch_size, n) > n:
-            perm, pos = torch.randperm(n, generator=generator), 0
+            perm, pos = torch.randperm(n, generator=generator).to(device), 0
         yield perm[pos : pos + batch_size]
         pos += batch_size
 
@@ -136,7 +139,7 @@ def local_round(
     `train_global=False` only the personal model trains (local training). Returns the lam of each personal step."""
     center = [p.detach().clone() for p in global_model.parameters()]
     chosen: list[float] = []
-    for idx in minibatches(len(y), batch_size, steps, generator):
+    for idx in minibatches(len(y), batch_size, steps, generator, x.device):
         xb, yb = x[idx], y[idx]
         if personal_model is not None:
             if isinstance(lam, LamSearch):
