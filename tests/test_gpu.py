@@ -206,3 +206,18 @@ def test_every_rule_selects_on_the_gpu_what_it_selects_on_the_cpu(name: str) -> 
             np.testing.assert_array_equal(x, y)
         else:
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_a_short_simulation_on_the_gpu_ends_with_the_metrics_of_the_cpu_run(tmp_path) -> None:
+    """The agreement check of scripts/gpu_check.sh: the same short run on the CPU and on the GPU (clients sharing it,
+    the server aggregating on it) ends with the same accuracies, up to a prediction flipped by float rounding."""
+    from app.simulate import simulate
+
+    base = [*SMALL_IMAGES, "dataset.num_samples=600", "num_rounds=3", "eval_every=3", "aggregator=krum"]
+    cpu = simulate(compose_config([*base, "device=cpu"]), tmp_path / "cpu")
+    gpu = simulate(compose_config([*base, "device=cuda", "client_num_gpus=0.5"]), tmp_path / "gpu")
+    for kind in ("global", "personal"):
+        print(f"{kind}: benign acc cpu {cpu[kind]['benign_acc']:.4f}, gpu {gpu[kind]['benign_acc']:.4f}")
+        assert abs(cpu[kind]["benign_acc"] - gpu[kind]["benign_acc"]) <= 0.02
