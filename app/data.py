@@ -332,9 +332,10 @@ FAKE_IMAGE_SHAPES = {"cifar10": (3, 32, 32), "femnist": (1, 28, 28)}  # dataset.
 
 def _fake_images(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     """Images shaped like a paper dataset (`dataset.like`), generated from the seed, for benchmarks and tests that
-    must not download: class c is a fixed pattern (a random 4x4 grid per channel, scaled up to the image) plus
-    N(0, noise^2) per pixel, so a model learns it; `num_samples` images, classes balanced, partitioned as the real
-    datasets are (`dataset.partitioner`)."""
+    must not download: class c is a fixed pattern (a random 4x4 grid of N(0, 1) per channel, scaled up to the image)
+    plus N(0, noise^2) per pixel, divided by sqrt(1 + noise^2) (unit variance per pixel, as standardised images), so
+    a model learns it; `num_samples` images, classes balanced, partitioned as the real datasets are
+    (`dataset.partitioner`)."""
     channels, height, width = FAKE_IMAGE_SHAPES[str(dataset.like)]
     classes, n = int(dataset.num_classes), int(dataset.num_samples)
     rng = np.random.default_rng([seed, 0xFA4E])
@@ -344,6 +345,7 @@ def _fake_images(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     x = rng.standard_normal((n, channels, height, width), dtype=np.float32)
     x *= float(dataset.noise)
     x += patterns[y]
+    x /= np.float32(np.sqrt(1.0 + float(dataset.noise) ** 2))
     return Pool(x, y, classes, partition_indices(y, dataset, num_clients, seed))
 
 
