@@ -83,8 +83,10 @@ def ditto_rows(quick: bool) -> list[str]:
     device = "cuda" if CUDA else "cpu"
     base = [*WORKLOAD, *(QUICK if quick else []), f"device={device}"]
     print(f"workload: {' '.join(base)}", flush=True)
+    threads = torch.get_num_threads()
     with Utilisation() as busy:
         t_plain, plain = timed_plain(compose_config(base))
+    torch.set_num_threads(threads)  # the plain loop runs on one thread; ours on the CPU (part 2) gets them all back
     rows = [progress(f"{'plain PyTorch loop':<34}{t_plain:>9.2f}{1.0:>9.2f}{str(busy):>14}"
                      f"   acc {plain['personal']['benign_acc']:.4f}")]
     best: tuple[float, float] | None = None
