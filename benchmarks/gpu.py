@@ -98,8 +98,8 @@ def ditto_rows(quick: bool) -> list[str]:
                              f"{sim['rounds'] / t_plain:>9.2f}{str(busy):>14}   "
                              f"acc {sim['final']['personal']['benign_acc']:.4f} (start-up {sim['startup']:.1f} s)"))
     if CUDA and best is not None:
-        rows.append(f"best GPU share per actor: {best[1]:g} (rounds {best[0]:.2f} s, {best[0] / t_plain:.2f}x the plain "
-                    "loop; target <= 1.5)")
+        rows.append(f"best GPU share per actor: {best[1]:g} (rounds {best[0]:.2f} s, {best[0] / t_plain:.2f}x the "
+                    "plain loop; target <= 1.5)")
     return rows
 
 
@@ -129,7 +129,8 @@ def aggregation_rows(quick: bool, cap: float) -> list[str]:
     gpu_stack, gpu_weights = (stack.cuda(), weights.cuda()) if CUDA else (None, None)
     results = [([row], 1) for row in stack.numpy()]
     rows = [f"n = {n}, d = {d:.0e}, f = {f}, float32; Flower stopped after {cap:.0f} s",
-            f"{'rule':<14}{'gpu s':>10}{'cpu s':>10}{'flower s':>10}{'flower/gpu':>12}{'cpu/gpu':>9}  same (gpu vs cpu)"]
+            f"{'rule':<14}{'gpu s':>10}{'cpu s':>10}{'flower s':>10}{'flower/gpu':>12}{'cpu/gpu':>9}"
+            "  same (gpu vs cpu)"]
     for name in FLOWER:
         rule = AGGREGATORS[name]
         t_cpu, on_cpu = _timed(rule, stack, weights, f, repeats)

@@ -29,7 +29,9 @@ step() {  # step NAME LOG TIMEOUT COMMAND...: run it, keep its last line as the 
 
 table() {
   echo
-  echo "GPU check ($(python -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA")'), $(date -u +%Y-%m-%dT%H:%MZ))"
+  local name
+  name=$(python -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA")')
+  echo "GPU check ($name, $(date -u +%Y-%m-%dT%H:%MZ))"
   printf '%-34s %-6s %7s  %s\n' "step" "status" "time" "result"
   printf '%s\n' "${ROWS[@]}"
 }
