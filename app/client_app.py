@@ -6,7 +6,9 @@ on the device's own test split. Malicious devices apply the configured attack.""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from app import ditto
 from app.attacks import attack_rng, attack_update, attackers, corrupts_labels, poison_labels
 from app.config import config_from_overrides
 from app.data import load_federation
+from app.device import resolve_device, set_deterministic
 from app.methods import METHODS, apfl_round, mix_into
 from app.models import build_model, get_weights, objective, set_weights
 from app.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
@@ -29,6 +32,60 @@ from app.rogue import rogue_client
 # lam auto (the paper): the grid and the fixed lam for devices with too little validation data, by attack strength
 LAM_GRID = {True: (0.05, 0.1, 0.2), False: (0.1, 1.0, 2.0)}
 LAM_FIXED = {True: 0.1, False: 1.0}
+
+
+DeviceTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "float | ditto.LamSearch | tuple[float, ...]"]
+_PLACED: OrderedDict[tuple[DictConfig, int, str], DeviceTensors] = OrderedDict()
+PLACED_DEVICES = 256  # devices whose tensors one process keeps on its compute device (least recently used out)
+
+
+def _hold_out_validation(cfg: DictConfig, partition_id: int, x: torch.Tensor, y: torch.Tensor):
+    """lam auto: (x_train, y_train, lam) with the validation split of the training data (ditto.validation_size)
+    taken before any label corruption, as the official client: the last samples (`method.val_split=last`, official)
+    or a seeded random subset (`random`). Devices with too little data keep all of it and the fixed lam."""
+    strong = bool(cfg.method.strong_attack)
+    n_val = ditto.validation_size(len(y), float(cfg.method.val_fraction))
+    if n_val == 0:
+        return x, y, LAM_FIXED[strong]
+    if cfg.method.val_split == "last":
+        order = torch.arange(len(y))
+    else:
+        order = torch.randperm(len(y), generator=ditto.round_generator(cfg.seed, partition_id, 0, 5))
+    train, val = order[: len(y) - n_val], order[len(y) - n_val :]
+    return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
+
+
+def _prepared_data(cfg: DictConfig, partition_id: int) -> DeviceTensors:
+    """Device `partition_id`'s tensors as it trains and tests on them (lam auto's hold-out, then the label poisoning
+    of a malicious device, fixed for the run), on the CPU."""
+    federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
+    data = federation.devices[partition_id]
+    lam = cfg.method.get("lam", 0.0)
+    if lam == "auto":
+        x_train, y_train, lam = _hold_out_validation(cfg, partition_id, data.x_train, data.y_train)
+    elif isinstance(lam, Sequence):  # a lam list: one personal model per lam (ditto.multi_lam_round)
+        x_train, y_train, lam = data.x_train, data.y_train, tuple(float(v) for v in lam)
+    else:
+        x_train, y_train, lam = data.x_train, data.y_train, float(lam)
+    if partition_id in attackers(cfg) and corrupts_labels(cfg.attack):
+        y_train = poison_labels(y_train, federation.num_classes, ditto.round_generator(cfg.seed, partition_id, 0, 1))
+    return x_train, y_train, data.x_test, data.y_test, lam
+
+
+def placed_data(cfg: DictConfig, partition_id: int, device: torch.device) -> DeviceTensors:
+    """`_prepared_data` on `device`, moved there once per process and reused by every later message (a ClientApp
+    builds a new client per message): no host-to-device copy of a device's data per round or per batch."""
+    key = (cfg, partition_id, str(device))
+    if key in _PLACED:
+        _PLACED.move_to_end(key)
+        return _PLACED[key]
+    *tensors, lam = _prepared_data(cfg, partition_id)
+    if isinstance(lam, ditto.LamSearch):
+        lam = replace(lam, x_val=lam.x_val.to(device), y_val=lam.y_val.to(device))
+    _PLACED[key] = placed = (*(t.to(device) for t in tensors), lam)
+    while len(_PLACED) > PLACED_DEVICES:
+        _PLACED.popitem(last=False)
+    return placed
 
 
 class DittoClient(NumPyClient):
@@ -43,39 +100,13 @@ class DittoClient(NumPyClient):
         self.method = METHODS[cfg.method.name]
         self.malicious = partition_id in attackers(cfg)
         self.objective = objective(cfg.dataset)
-        self._build = lambda: build_model(cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed)
-        data = federation.devices[partition_id]
-        self.x_test, self.y_test = data.x_test, data.y_test
-        lam = cfg.method.get("lam", 0.0)
-        self.lam: float | ditto.LamSearch | tuple[float, ...]  # a tuple: one personal model per lam (multi_lam_round)
-        if lam == "auto":
-            self.x_train, y_train, self.lam = self._hold_out_validation(data.x_train, data.y_train)
-        elif isinstance(lam, Sequence):
-            self.x_train, y_train, self.lam = data.x_train, data.y_train, tuple(float(v) for v in lam)
-        else:
-            self.x_train, y_train, self.lam = data.x_train, data.y_train, float(lam)
-        self.y_train = self._poisoned(y_train) if self.malicious and corrupts_labels(cfg.attack) else y_train
+        self.device = resolve_device(str(cfg.device))
+        self._build = lambda: build_model(cfg.dataset.model, federation.input_shape, federation.num_classes,
+                                          cfg.seed).to(self.device)
+        self.x_train, self.y_train, self.x_test, self.y_test, self.lam = placed_data(cfg, partition_id, self.device)
 
     def _generator(self, server_round: int, stream: int) -> torch.Generator:
         return ditto.round_generator(self.cfg.seed, self.partition_id, server_round, stream)
-
-    def _poisoned(self, y: torch.Tensor) -> torch.Tensor:
-        return poison_labels(y, self.num_classes, self._generator(0, 1))
-
-    def _hold_out_validation(self, x: torch.Tensor, y: torch.Tensor):  # -> (x_train, y_train, lam)
-        """lam auto: the validation split of the training data (ditto.validation_size), taken before any label
-        corruption, as the official client: the last samples (`method.val_split=last`, official) or a seeded random
-        subset (`random`). Devices with too little data keep all of it and the fixed lam."""
-        strong = bool(self.cfg.method.strong_attack)
-        n_val = ditto.validation_size(len(y), float(self.cfg.method.val_fraction))
-        if n_val == 0:
-            return x, y, LAM_FIXED[strong]
-        if self.cfg.method.val_split == "last":
-            order = torch.arange(len(y))
-        else:
-            order = torch.randperm(len(y), generator=self._generator(0, 5))
-        train, val = order[: len(y) - n_val], order[len(y) - n_val :]
-        return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
 
     def _personal_model(self, state: DeviceState | None, index: int = 0) -> torch.nn.Module:
         """The stored personal model (with a lam list: the one of lam number `index`; the state holds their arrays
@@ -231,6 +262,7 @@ def make_client_fn(cfg: DictConfig | None = None, out_dir: Path | None = None): 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # one Ray actor per core: no oversubscription
         run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
+        set_deterministic(bool(run_cfg.deterministic))
         run_out = out_dir if cfg is not None else (str(context.run_config.get("output-dir", "")).strip() or None)
         pid = _partition_id(context, run_cfg)
         client = DittoClient(run_cfg, pid, personal_store(context, run_cfg, pid, run_out))

@@ -11,8 +11,11 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+
+from app.device import device_problem
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -75,7 +78,7 @@ def _lam(v: Any) -> bool:
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot be used."""
     from app.attacks import ATTACKS, aggregator_f
-    from app.data import DATASETS, PARTITIONERS
+    from app.data import DATASETS, FAKE_IMAGE_SHAPES, PARTITIONERS
     from app.methods import METHODS
     from app.models import MODELS
     from strategies.aggregators import AGGREGATORS, check_aggregator
@@ -100,6 +103,13 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "round_timeout", lambda v: v is None or _real(0, lo_open=True)(v), "null (wait for all) or seconds > 0")
     _check(cfg, "device_keys", lambda v: v is None or (isinstance(v, str) and Path(v).is_absolute()),
            "null (a node is the device it says) or the absolute path of a JSON file of device keys")
+    _check(cfg, "client_num_gpus", _real(0), "a number >= 0 (0.25: four actors per GPU; 0: no GPU share)")
+    if cfg.client_num_gpus > 0 and cfg.ray_address is None and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'client_num_gpus' = {cfg.client_num_gpus!r} is not allowed here: this machine "
+                          "has no CUDA device for Ray to share (the actors would wait forever). Set client_num_gpus=0.")
+    device_error = device_problem(OmegaConf.select(cfg, "device", default=None))
+    _check(cfg, "device", lambda v: device_error is None, device_error or "")
+    _check(cfg, "deterministic", lambda v: isinstance(v, bool), "true or false")
 
     _choice(cfg, "dataset.name", DATASETS, "dataset")
     _choice(cfg, "dataset.model", MODELS)
@@ -120,6 +130,9 @@ def validate(cfg: DictConfig) -> None:
         "partition_seed": (lambda v: v is None or _int(0)(v), "null (the run's seed) or an integer >= 0"),
         "preprocess": (lambda v: v in ("none", "standardize"), "none or standardize"),
         "pixels": (lambda v: v in ("raw", "unit"), "raw (0-255) or unit ([0, 1])"),
+        "like": (lambda v: v in FAKE_IMAGE_SHAPES, f"one of {', '.join(FAKE_IMAGE_SHAPES)} (the image shape)"),
+        "num_samples": (_int(2), "an integer >= 2"),
+        "noise": (_real(0), "a number >= 0"),
     }
     for option, (ok, allowed) in dataset_options.items():
         if option in cfg.dataset:
@@ -204,6 +217,11 @@ def check_flwr_run(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'ray_address' = {cfg.ray_address!r} is not allowed with flwr run: Flower "
                           "starts its simulation engine before the app reads its config. Run python -m app.simulate "
                           "ray_address=... instead, or leave ray_address=null.")
+    if cfg.client_num_gpus > 0:
+        raise ConfigError(f"config key 'client_num_gpus' = {cfg.client_num_gpus!r} is not allowed with flwr run: "
+                          "Flower sizes its actors before the app reads its config. Pass --federation-config "
+                          f"\"client-resources-num-gpus={cfg.client_num_gpus}\" to flwr run instead, or leave "
+                          "client_num_gpus=0.")
 
 
 def main(argv: Sequence[str]) -> int:

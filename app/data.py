@@ -10,6 +10,7 @@ device's share into train and test. Sources:
 - `fashion_mnist`: the paper's partition (each device `classes_per_client` consecutive classes, lognormal sizes).
 - `cifar10`: Dirichlet(alpha) label skew.
 - `gaussian_mean`: point estimation with attackers in the data, for the theory experiment (app/theory.py).
+- `fake_images`: generated images of CIFAR-10's or FEMNIST's shape (class patterns plus noise), for benchmarks.
 Hub-backed datasets read `dataset.path` instead of the hub when it is set: a folder written by `save_to_disk`, or a
 folder of raw data files that `datasets.load_dataset` reads (parquet, arrow, csv, imagefolder).
 Partitioners (`dataset.partitioner`): `dirichlet` (label skew, `alpha`), `pathological` (`classes_per_client`
@@ -442,6 +443,28 @@ def _cifar10(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
                                                         is_test if is_test.any() else None))
 
 
+FAKE_IMAGE_SHAPES = {"cifar10": (3, 32, 32), "femnist": (1, 28, 28)}  # dataset.like -> one image's shape
+
+
+def _fake_images(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
+    """Images shaped like a paper dataset (`dataset.like`), generated from the seed, for benchmarks and tests that
+    must not download: class c is a fixed pattern (a random 4x4 grid of N(0, 1) per channel, scaled up to the image)
+    plus N(0, noise^2) per pixel, divided by sqrt(1 + noise^2) (unit variance per pixel, as standardised images), so
+    a model learns it; `num_samples` images, classes balanced, partitioned as the real datasets are
+    (`dataset.partitioner`)."""
+    channels, height, width = FAKE_IMAGE_SHAPES[str(dataset.like)]
+    classes, n = int(dataset.num_classes), int(dataset.num_samples)
+    rng = np.random.default_rng([seed, 0xFA4E])
+    coarse = rng.standard_normal((classes, channels, 4, 4), dtype=np.float32)
+    patterns = coarse.repeat(-(-height // 4), axis=2).repeat(-(-width // 4), axis=3)[:, :, :height, :width]
+    y = rng.permutation(np.arange(n) % classes).astype(np.int64)
+    x = rng.standard_normal((n, channels, height, width), dtype=np.float32)
+    x *= float(dataset.noise)
+    x += patterns[y]
+    x /= np.float32(np.sqrt(1.0 + float(dataset.noise) ** 2))
+    return Pool(x, y, classes, partition_indices(y, dataset, num_clients, seed))
+
+
 # A loader returns every example (a Pool, split per device by load_federation) or, when devices can be built one at a
 # time, the Federation itself.
 DATASETS: dict[str, Callable[[DictConfig, int, int], Pool | Federation]] = {
@@ -453,6 +476,7 @@ DATASETS: dict[str, Callable[[DictConfig, int, int], Pool | Federation]] = {
     "cifar10": _cifar10,
     "celeba": _celeba,
     "gaussian_mean": _gaussian_mean,
+    "fake_images": _fake_images,
 }
 
 

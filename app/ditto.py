@@ -30,9 +30,10 @@ def round_generator(seed: int, device: int, server_round: int, stream: int) -> t
 
 
 def seed_global_rng(seed: int, device: int, server_round: int) -> None:
-    """Seed torch's global CPU generator (what dropout draws from) for this device's round (stream 3), so masks do
-    not depend on which worker runs it."""
-    torch.random.default_generator.manual_seed(int(round_generator(seed, device, server_round, 3).initial_seed()))
+    """Seed torch's global generators, CPU and CUDA (what dropout draws from), for this device's round (stream 3),
+    so masks do not depend on which worker runs it (on a GPU they come from the CUDA generator: other masks than on
+    the CPU, the same ones run after run)."""
+    torch.manual_seed(int(round_generator(seed, device, server_round, 3).initial_seed()))
 
 
 def sgd_step(
@@ -58,12 +59,14 @@ def sgd_step(
     return float(loss.detach())
 
 
-def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """`steps` index batches that walk through seeded shuffles of range(n), reshuffling after each pass."""
-    perm, pos = torch.randperm(n, generator=generator), 0
+def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator,
+                device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """`steps` index batches that walk through seeded shuffles of range(n), reshuffling after each pass. Shuffles are
+    drawn on the CPU (the same batches on every device) and moved to `device` once per pass, not per batch."""
+    perm, pos = torch.randperm(n, generator=generator).to(device), 0
     for _ in range(steps):
         if pos + min(batch_size, n) > n:
-            perm, pos = torch.randperm(n, generator=generator), 0
+            perm, pos = torch.randperm(n, generator=generator).to(device), 0
         yield perm[pos : pos + batch_size]
         pos += batch_size
 
@@ -140,6 +143,18 @@ def local_round(
     return chosen[0] if chosen else []
 
 
+def _dropout_rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator dropout draws from on `device`: torch's CPU generator, or the device's CUDA one."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.random.get_rng_state()
+
+
+def _set_dropout_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.random.set_rng_state(state)
+
+
 def multi_lam_round(
     global_model: nn.Module,
     personal_models: Sequence[nn.Module],
@@ -164,12 +179,12 @@ def multi_lam_round(
         raise ValueError(f"{len(personal_models)} personal models for {len(lams)} lam values: give one per lam")
     center = [p.detach().clone() for p in global_model.parameters()]
     chosen: list[list[float]] = [[] for _ in lams]
-    for idx in minibatches(len(y), batch_size, steps, generator):
+    for idx in minibatches(len(y), batch_size, steps, generator, x.device):
         xb, yb = x[idx], y[idx]
-        rng = torch.random.get_rng_state() if len(lams) > 1 else None
+        rng = _dropout_rng_state(x.device) if len(lams) > 1 else None
         for i, (model, lam) in enumerate(zip(personal_models, lams)):
             if rng is not None:
-                torch.random.set_rng_state(rng)
+                _set_dropout_rng_state(x.device, rng)
             if isinstance(lam, LamSearch):
                 chosen[i].append(auto_lam_step(model, xb, yb, lr, loss_fn, center, lam))
             else:

@@ -72,7 +72,7 @@ def apfl_round(
         w <- w - lr * grad F(w; b)
         v <- v - lr * alpha * grad F(alpha v + (1 - alpha) w; b)"""
     mixed = copy.deepcopy(personal_model)
-    for idx in minibatches(len(y), batch_size, steps, generator):
+    for idx in minibatches(len(y), batch_size, steps, generator, x.device):
         xb, yb = x[idx], y[idx]
         mix_into(mixed, personal_model, global_model, alpha)
         mixed.zero_grad(set_to_none=True)

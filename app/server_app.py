@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from app.attacks import aggregator_f, attackers, threat_model
 from app.config import check_flwr_run, config_from_overrides
 from app.data import load_federation
+from app.device import resolve_device, set_deterministic
 from app.ditto import validation_size
 from app.methods import METHODS
 from app.models import build_model, get_weights
@@ -48,7 +49,7 @@ class ResultsServer(Server):
             parameters=parameters_to_ndarrays(self.parameters),
             meta={"config": OmegaConf.to_container(self.cfg, resolve=True), "rounds": self.strategy.rounds,
                   "final": self.recorder.final, "clients": self.recorder.clients},
-            aggregator_state=None if previous is None else previous.numpy(),
+            aggregator_state=None if previous is None else previous.cpu().numpy(),
         ))
 
     def _resume(self) -> int:
@@ -59,7 +60,8 @@ class ResultsServer(Server):
         self.strategy.rounds = ckpt.meta["rounds"]
         self.recorder.final, self.recorder.clients = ckpt.meta["final"], ckpt.meta["clients"]
         if ckpt.aggregator_state is not None:
-            self.strategy.aggregate.previous = torch.from_numpy(np.array(ckpt.aggregator_state))
+            previous = torch.from_numpy(np.array(ckpt.aggregator_state))
+            self.strategy.aggregate.previous = previous.to(self.strategy.device)
         self.strategy.initialize_parameters(self._client_manager)  # restarts the strategy's clock
         log(INFO, "resumed from the checkpoint of round %d in %s", ckpt.round, self.recorder.out_dir)
         return ckpt.round
@@ -122,7 +124,9 @@ def check_resumable(saved: dict, current: dict) -> None:
 
 
 def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
-    """The strategy and server for one run of `cfg`, writing into `out_dir`."""
+    """The strategy and server for one run of `cfg`, writing into `out_dir`; aggregation runs on `cfg.device` as
+    this process resolves it (app/device.py)."""
+    set_deterministic(bool(cfg.deterministic))
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
     model = build_model(cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed)
     malicious = attackers(cfg)
@@ -152,6 +156,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         sample_sizes=sizes,
         device_keys=None if cfg.device_keys is None else load_device_keys(Path(cfg.device_keys), cfg.num_clients),
         evaluation_keys=required_metrics(METHODS[cfg.method.name], lams),
+        device=resolve_device(str(cfg.device)),
     )
     return ServerAppComponents(server=ResultsServer(strategy, recorder, cfg),
                                config=ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout))

@@ -49,7 +49,7 @@ def simulate(cfg: DictConfig, out_dir: Path) -> dict:
         server_app=make_server_app(cfg, out_dir),
         client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
         num_supernodes=cfg.num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": float(cfg.client_num_gpus)},
                         "init_args": {} if cfg.ray_address is None else {"address": str(cfg.ray_address)}},
     )
     results = out_dir / "results.json"

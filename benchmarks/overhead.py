@@ -10,7 +10,9 @@ no messages and no stored state. It prints both times, their ratio and both runs
 The simulation's time is split into start-up and shutdown (Ray, Flower, the actors, until every device has
 connected and been identified by the strategy, plus everything after the last round) and the rounds. The reference
 runs first, on one torch thread (its tensors are tiny: more threads only add synchronisation); then the simulation,
-with one Ray actor per core, one torch thread each.
+with one Ray actor per core, one torch thread each. Both compute on `device` (app/device.py: the GPU where there is
+one), the reference with every device's data placed there once, as the simulation's clients do;
+benchmarks/gpu.py reuses `timed_plain` and `timed_simulation` on a GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from app import ditto  # noqa: E402
 from app.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, poison_labels  # noqa: E402
 from app.config import compose_config  # noqa: E402
 from app.data import load_federation  # noqa: E402
+from app.device import resolve_device  # noqa: E402
 from app.metrics import accuracy_summary  # noqa: E402
 from app.models import build_model, get_weights, objective, set_weights  # noqa: E402
 from strategies.aggregators import build_aggregator  # noqa: E402
@@ -50,12 +53,16 @@ def plain_ditto(cfg: DictConfig) -> dict:
     malicious = attackers(cfg)
     loss_fn, lam, f = objective(cfg.dataset), float(cfg.method.lam), aggregator_f(cfg)
     aggregate = build_aggregator(cfg.aggregator)
+    device = resolve_device(str(cfg.device))
 
     def build() -> torch.nn.Module:
-        return build_model(cfg.dataset.model, fed.input_shape, fed.num_classes, cfg.seed)
+        return build_model(cfg.dataset.model, fed.input_shape, fed.num_classes, cfg.seed).to(device)
 
-    labels = [poison_labels(d.y_train, fed.num_classes, ditto.round_generator(cfg.seed, k, 0, 1))
-              if k in malicious and corrupts_labels(cfg.attack) else d.y_train for k, d in enumerate(fed.devices)]
+    labels = [(poison_labels(d.y_train, fed.num_classes, ditto.round_generator(cfg.seed, k, 0, 1))
+               if k in malicious and corrupts_labels(cfg.attack) else d.y_train).to(device)
+              for k, d in enumerate(fed.devices)]
+    inputs = [d.x_train.to(device) for d in fed.devices]
+    tests = [(d.x_test.to(device), d.y_test.to(device)) for d in fed.devices]
     weights = get_weights(build())
     work, personal = build(), {}
     summary: dict = {}
@@ -64,7 +71,7 @@ def plain_ditto(cfg: DictConfig) -> dict:
         for k in sample_devices(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
             ditto.seed_global_rng(cfg.seed, k, r)
             set_weights(work, weights)
-            ditto.local_round(work, personal.setdefault(k, build()), fed.devices[k].x_train, labels[k],
+            ditto.local_round(work, personal.setdefault(k, build()), inputs[k], labels[k],
                               steps=cfg.local_steps, batch_size=cfg.batch_size, lr=float(cfg.lr), lam=lam,
                               loss_fn=loss_fn, generator=ditto.round_generator(cfg.seed, k, r, 0))
             update = [w - w0 for w, w0 in zip(get_weights(work), weights)]
@@ -72,14 +79,14 @@ def plain_ditto(cfg: DictConfig) -> dict:
                 update = attack_update(cfg.attack, update, attack_rng(cfg.seed, k, r), cfg.clients_per_round)
             updates.append(flatten(update))
             counts.append(len(labels[k]))
-        delta = aggregate(torch.from_numpy(np.stack(updates)), torch.tensor(counts, dtype=torch.float64), f)
-        weights = unflatten(flatten(weights) + delta.numpy(), weights)
+        delta = aggregate(torch.from_numpy(np.stack(updates)).to(device),
+                          torch.tensor(counts, dtype=torch.float64, device=device), f)
+        weights = unflatten(flatten(weights) + delta.cpu().numpy(), weights)
         if evaluates(r, cfg.eval_every, cfg.num_rounds):
             set_weights(work, weights)
             initial = build()
-            rows = [(ditto.evaluate(work, d.x_test, d.y_test, loss_fn)[0],
-                     ditto.evaluate(personal.get(k, initial), d.x_test, d.y_test, loss_fn)[0], len(d.y_test))
-                    for k, d in enumerate(fed.devices)]
+            rows = [(ditto.evaluate(work, x, y, loss_fn)[0], ditto.evaluate(personal.get(k, initial), x, y, loss_fn)[0],
+                     len(y)) for k, (x, y) in enumerate(tests)]
             correct_g, correct_p, n_test = (np.array(c) for c in zip(*rows))
             flags = np.array([k in malicious for k in range(cfg.num_clients)])
             summary = {"global": accuracy_summary(correct_g, n_test, flags),
@@ -87,35 +94,47 @@ def plain_ditto(cfg: DictConfig) -> dict:
     return summary
 
 
-def main(overrides: list[str]) -> None:
-    cfg = compose_config([*WORKLOAD, *overrides])
-    print(f"workload: {' '.join([*WORKLOAD, *overrides])} ({cfg.local_steps} steps, batch {cfg.batch_size})")
+def timed_plain(cfg: DictConfig) -> tuple[float, dict]:
+    """(seconds, final summaries) of `plain_ditto`, on one torch thread, with the data already loaded."""
     load_federation(cfg.dataset, cfg.num_clients, cfg.seed)  # both runs start with the data in memory
     torch.set_num_threads(1)
     start = time.perf_counter()
     plain = plain_ditto(cfg)
-    t_plain = time.perf_counter() - start
+    return time.perf_counter() - start, plain
 
+
+def timed_simulation(cfg: DictConfig) -> dict:
+    """The simulation of `cfg`, timed: `whole`, `startup` (start-up and shutdown: Ray, Flower, the actors, until
+    every device is identified, and everything after the last round), `rounds` (all rounds), `first` (round 1, the
+    actors' first fit), seconds; `final`, its final metrics."""
     from app.simulate import simulate  # imported here: the reference loop runs before Flower and Ray are loaded
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         final = simulate(cfg, Path(tmp))
-        t_sim = time.perf_counter() - start
+        whole = time.perf_counter() - start
         results = json.loads((Path(tmp) / "results.json").read_text())
-    t_loop, t_first = results["rounds"][-1]["seconds"], results["rounds"][0]["seconds"]
-    t_up = t_sim - t_loop + results["connected_after_seconds"]
-    t_run = t_loop - results["connected_after_seconds"]
+    loop, connected = results["rounds"][-1]["seconds"], results["connected_after_seconds"]
+    return {"whole": whole, "startup": whole - loop + connected, "rounds": loop - connected,
+            "first": results["rounds"][0]["seconds"] - connected, "final": final}
+
+
+def main(overrides: list[str]) -> None:
+    cfg = compose_config([*WORKLOAD, *overrides])
+    print(f"workload: {' '.join([*WORKLOAD, *overrides])} ({cfg.local_steps} steps, batch {cfg.batch_size})")
+    t_plain, plain = timed_plain(cfg)
+    sim = timed_simulation(cfg)
     print(f"plain PyTorch loop             {t_plain:8.1f} s")
-    print(f"simulation, whole              {t_sim:8.1f} s")
-    print(f"  start-up and shutdown        {t_up:8.1f} s   (Ray, Flower, actors, until every device is identified)")
-    print(f"  the {cfg.num_rounds} rounds                {t_run:8.1f} s   (of which round 1: "
-          f"{t_first - results['connected_after_seconds']:.1f} s, actors' first fit)")
-    print(f"ratio, rounds / plain          {t_run / t_plain:8.2f}   (target <= 1.5)")
-    print(f"ratio, rounds 2.. / plain      {(t_loop - t_first) / t_plain:8.2f}   (the steady state)")
-    print(f"ratio, whole / plain           {t_sim / t_plain:8.2f}")
+    print(f"simulation, whole              {sim['whole']:8.1f} s")
+    print(f"  start-up and shutdown        {sim['startup']:8.1f} s   (Ray, Flower, actors, until every device is "
+          "identified)")
+    print(f"  the {cfg.num_rounds} rounds                {sim['rounds']:8.1f} s   (of which round 1: "
+          f"{sim['first']:.1f} s, actors' first fit)")
+    print(f"ratio, rounds / plain          {sim['rounds'] / t_plain:8.2f}   (target <= 1.5)")
+    print(f"ratio, rounds 2.. / plain      {(sim['rounds'] - sim['first']) / t_plain:8.2f}   (the steady state)")
+    print(f"ratio, whole / plain           {sim['whole'] / t_plain:8.2f}")
     for kind in ("global", "personal"):
-        a, b = plain[kind], final[kind]
+        a, b = plain[kind], sim["final"][kind]
         print(f"{kind:<9} benign acc / std: plain {a['benign_acc']:.4f} / {a['benign_std_acc']:.4f}   "
               f"simulation {b['benign_acc']:.4f} / {b['benign_std_acc']:.4f}")
 

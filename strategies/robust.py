@@ -80,6 +80,8 @@ class RobustStrategy(Strategy):
     rejected, and so is an update whose norm exceeds `max_update_norm`. A round whose accepted updates the rule cannot
     aggregate keeps w^t (counted). With `checkpoint_every` > 0, each fit instruction carries the round of the server's
     last checkpoint (`checkpoint_round`), so devices know which versions of their state a resumed run may still need.
+    The stack is built on `device` once (the server's GPU when it has one); the threat model, the reweighting and
+    the rule all run there.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class RobustStrategy(Strategy):
         device_keys: dict[bytes, int] | None = None,
         min_devices: int | None = None,
         evaluation_keys: frozenset[str] = frozenset(),
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
         self.initial_parameters = initial_parameters
@@ -125,6 +128,7 @@ class RobustStrategy(Strategy):
         self.device_keys = device_keys
         self.min_devices = clients_per_round if min_devices is None else min_devices
         self.evaluation_keys = evaluation_keys
+        self.device = torch.device(device)
         self.rounds: list[dict[str, Any]] = []
         self._partition_of: dict[str, int] = {}  # node id -> device, newest identification last
         self._identified: set[int] = set()  # partition ids seen so far
@@ -272,18 +276,20 @@ class RobustStrategy(Strategy):
             losses.append(loss)
         skipped = 0
         if rows:
-            stacked = torch.from_numpy(np.stack(rows))
+            stacked = torch.from_numpy(np.stack(rows)).to(self.device)  # one copy to the device, then all work there
             if self.threat_model is not None:  # threat-model simulation: omniscient attackers' slots
-                stacked = self.threat_model(stacked, torch.tensor([p in self.malicious for p in senders]))
+                stacked = self.threat_model(stacked, torch.tensor([p in self.malicious for p in senders],
+                                                                  device=self.device))
             if self.reweight is not None:
-                stacked = self.reweight(stacked, torch.tensor(losses, dtype=torch.float64))
+                stacked = self.reweight(stacked, torch.tensor(losses, dtype=torch.float64, device=self.device))
             try:
-                delta = self.aggregate(stacked, torch.tensor(weights, dtype=torch.float64), self.num_malicious)
+                delta = self.aggregate(stacked, torch.tensor(weights, dtype=torch.float64, device=self.device),
+                                       self.num_malicious)
             except ValueError as err:  # too few accepted updates for the rule this round
                 skipped = 1
                 log(WARNING, "round %d: kept the global model, the aggregator cannot run: %s", server_round, err)
             else:
-                self._global = unflatten(flatten(self._global) + delta.numpy(), self._global)
+                self._global = unflatten(flatten(self._global) + delta.cpu().numpy(), self._global)
         metrics = {"accepted_updates": len(rows), "rejected_updates": rejected, "failed_clients": len(failures),
                    "skipped_aggregation": skipped}
         entry = self._log_round(server_round, **metrics)
