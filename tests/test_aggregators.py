@@ -18,13 +18,12 @@ from strategies.aggregators import (
     geomed,
     knorm,
     krum,
-    krum_scores,
     median,
     multikrum,
     norm_clip,
-    pairwise_sq_distances,
     trimmed_mean,
 )
+from strategies.distances import direct_sq_distances, krum_scores
 
 ONES = torch.ones
 
@@ -57,7 +56,7 @@ def test_trimmed_mean_equals_the_hand_value() -> None:
 def test_krum_picks_an_inlier_and_counts_n_minus_f_minus_2_neighbours() -> None:
     out = krum(WITH_OUTLIER, ONES(6), 1)
     assert any(torch.equal(out, row) for row in INLIERS)
-    dist = pairwise_sq_distances(WITH_OUTLIER)
+    dist = direct_sq_distances(WITH_OUTLIER)
     # n=6, f=1: 3 nearest neighbours of row 0, by hand
     x = WITH_OUTLIER.double()
     by_hand = sorted(float(((x[0] - x[j]) ** 2).sum()) for j in range(1, 6))[:3]
@@ -137,12 +136,6 @@ def test_bulyan_equals_flowers_with_krum_selection(n: int, f: int) -> None:
     x = torch.randn(n, 5000, generator=torch.Generator().manual_seed(n))  # Bulyan's rows read block by block
     theirs = aggregate_bulyan(_flower(x), f, aggregate_krum, to_keep=0)[0]
     np.testing.assert_allclose(bulyan(x, ONES(n), f).numpy(), theirs, atol=1e-6)
-
-
-def test_pairwise_distances_equal_the_direct_ones() -> None:
-    x = torch.randn(9, 1000, generator=torch.Generator().manual_seed(1)) + 5.0
-    direct = ((x[:, None, :].double() - x[None, :, :].double()) ** 2).sum(-1)
-    torch.testing.assert_close(pairwise_sq_distances(x), direct, rtol=1e-9, atol=1e-9)
 
 
 # -- properties ---------------------------------------------------------------------------------------------------
