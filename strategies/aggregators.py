@@ -185,12 +185,15 @@ def bulyan(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0)
 
 def knorm(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
     """k-norm: drop the f updates of largest Euclidean norm and average the rest (the norm-filtering baseline of
-    the official Ditto code; cf. Sun et al. 2019, "Can you really backdoor federated learning?")."""
+    the official Ditto code; cf. Sun et al. 2019, "Can you really backdoor federated learning?"). Norms in float64;
+    of equal norms the first rows are kept."""
     check_stack(updates, num_malicious, "knorm")
     _needs("knorm", updates.shape[0], num_malicious)
     n = updates.shape[0]
-    keep = torch.topk(updates.norm(dim=1), n - num_malicious, largest=False).indices
-    return updates[keep].mean(dim=0)
+    norms = _distances_to(updates, torch.zeros(updates.shape[1], dtype=torch.float64))
+    share = torch.zeros(n, dtype=updates.dtype)
+    share[torch.argsort(norms, stable=True)[: n - num_malicious]] = 1.0 / (n - num_malicious)
+    return share @ updates  # the mean of the kept rows without copying them out of the stack
 
 
 def norm_clip(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, inner: str = "mean",

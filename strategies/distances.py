@@ -25,7 +25,9 @@ import math
 import torch
 
 _CHUNK = 256  # float32 products are summed over at most this many terms before float64 takes over
+_SHORT_CHUNK = 16  # the same for the rows the first bounds leave open: 16x tighter, on a few rows only
 _BLOCK = 4096  # columns per block: a block of the stack stays in cache while it is centred and multiplied
+_DIRECT_WIDTH = 2048  # columns per block of direct differences: fixed, so that every call sums in the same order
 _SAMPLE_WINDOWS, _SAMPLE_WIDTH = 16, 128  # columns that choose the centre: 16 windows of 128, spread over the stack
 _U32, _U64 = 2.0**-24, 2.0**-53  # unit roundoffs
 _TINY32, _TINY64 = 2.0**-126, 2.0**-1022  # absolute error of a result that underflows (flushed or not)
@@ -62,21 +64,23 @@ def krum_scores(dist: torch.Tensor, num_malicious: int) -> torch.Tensor:
 
 
 def direct_sq_distances(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared distances from `rows` (None: all) to every row by direct differences in float64 (the brute-force
-    value; d_ij and d_ji are the same sums, bit for bit), one column block at a time."""
+    """Squared distances from `rows` (None: all) to every row by direct differences in float64: the brute-force
+    value, summed in the same order whatever `rows` is, so d_ij and d_ji agree bit for bit."""
     rows = torch.arange(x.shape[0]) if rows is None else rows
-    out = torch.zeros(len(rows), x.shape[0], dtype=torch.float64)
-    width = max(64, (1 << 20) // (len(rows) * x.shape[0]))  # the (rows, n, width) differences stay about 8 MB
-    for start in range(0, x.shape[1], width):
-        block = x[:, start : start + width].to(torch.float64)
-        diff = block[None, :, :] - block[rows, None, :]
-        out += (diff * diff).sum(dim=2)
+    n = x.shape[0]
+    out = torch.zeros(len(rows), n, dtype=torch.float64)
+    group = max(1, (1 << 20) // (n * _DIRECT_WIDTH))  # rows per (group, n, width) difference: about 8 MB
+    for start in range(0, x.shape[1], _DIRECT_WIDTH):
+        block = x[:, start : start + _DIRECT_WIDTH].to(torch.float64)
+        for first in range(0, len(rows), group):
+            diff = block[None, :, :] - block[rows[first : first + group], None, :]
+            out[first : first + group] += (diff * diff).sum(dim=2)
     return out
 
 
-def _centre(x: torch.Tensor, num_malicious: int) -> torch.Tensor:
-    """A point near the benign rows: the mean of the (up to 8) rows with the best Krum scores on a sample of the
-    columns, or zero where that mean would not shrink those rows' norms by half."""
+def _centre(x: torch.Tensor, num_malicious: int) -> torch.Tensor | None:
+    """The rows whose mean is a point near the benign rows: the (up to 8) rows with the best Krum scores on a sample
+    of the columns; None (centre on zero) where their mean would not shrink those rows' norms by half."""
     n, d = x.shape
     if d <= _SAMPLE_WINDOWS * _SAMPLE_WIDTH:
         sample = x.to(torch.float64)
@@ -85,10 +89,17 @@ def _centre(x: torch.Tensor, num_malicious: int) -> torch.Tensor:
         sample = torch.cat([x[:, s : s + _SAMPLE_WIDTH] for s in starts], dim=1).to(torch.float64)
     dist = direct_sq_distances(sample).fill_diagonal_(-math.inf)
     benign = torch.argsort(krum_scores(dist, num_malicious), stable=True)[: max(1, min(8, n - 2 * num_malicious))]
-    centre = x[benign].mean(dim=0)
-    sample_centre = sample[benign].mean(dim=0)
-    shrunk = float(((sample[benign] - sample_centre) ** 2).sum()) <= 0.5 * float((sample[benign] ** 2).sum())
-    return centre if shrunk else torch.zeros_like(centre)
+    rows = sample[benign]
+    return benign if float(((rows - rows.mean(dim=0)) ** 2).sum()) <= 0.5 * float((rows**2).sum()) else None
+
+
+def _centred(x: torch.Tensor, start: int, benign: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Columns start : start + _BLOCK of the stack in `dtype`, minus the mean of the `benign` rows over them (in the
+    stack's precision, so that every block of a stack is centred on the same representable point)."""
+    block = x[:, start : start + _BLOCK]
+    if benign is None:
+        return block.to(dtype)
+    return block.to(dtype) - block[benign].mean(dim=0).to(dtype)
 
 
 def _bounds(approx: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, gamma: float, u: float, tiny: float,
@@ -109,39 +120,44 @@ def _bounds(approx: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, gamma: f
     return (dist - bound).clamp_min_(0.0), dist + bound
 
 
-def _float32_gram(x: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-    """(float64 Gram matrix of fl(x - centre) from float32 chunk products, its gamma), or None where the float32
-    route does not hold (reduced-precision matmul, an overflow)."""
+def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None, rows: torch.Tensor | None,
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(G[rows, :], squared norms of every row, gamma) of fl(x - centre) from float32 products over chunks of `chunk`
+    columns summed in float64 (rows=None: all), or None where the float32 route does not hold (reduced-precision
+    matmul, an overflow)."""
     if torch.get_float32_matmul_precision() != "highest":
         return None  # products may be rounded to bfloat16: gamma_c would not hold
     n, d = x.shape
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64)
+    sq = torch.zeros(n, dtype=torch.float64)
     for start in range(0, d, _BLOCK):
-        y = x[:, start : start + _BLOCK] - centre[start : start + _BLOCK]
-        full = y.shape[1] // _CHUNK * _CHUNK
+        y = _centred(x, start, benign, torch.float32)
+        full = y.shape[1] // chunk * chunk
         if full:
-            chunks = y[:, :full].view(n, -1, _CHUNK).transpose(0, 1)  # (chunks, n, c), no copy
-            gram += torch.bmm(chunks, chunks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+            chunks = y[:, :full].view(n, -1, chunk).transpose(0, 1)  # (chunks, n, c), no copy
+            left = chunks if rows is None else chunks[:, rows]
+            gram += torch.bmm(left, chunks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
         if full < y.shape[1]:
             rest = y[:, full:]
-            gram += (rest @ rest.T).double()
+            gram += ((rest if rows is None else rest[rows]) @ rest.T).double()
+        if rows is not None:
+            sq += (y * y).sum(dim=1, dtype=torch.float64)  # float32 squares (error u each), float64 sums
     if not bool(torch.isfinite(gram).all()):
         return None
-    sums = -(-d // _CHUNK) + 4  # float64 additions on any path, and the 3 operations of D~
-    gamma = _CHUNK * _U32 / (1 - _CHUNK * _U32) + sums * _U64 / (1 - sums * _U64)
-    return gram, gamma
+    sums = -(-d // chunk) + 4  # float64 additions on any path, and the 3 operations of D~
+    gamma = chunk * _U32 / (1 - chunk * _U32) + sums * _U64 / (1 - sums * _U64)
+    return gram, gram.diagonal().clone() if rows is None else sq, gamma
 
 
-def _float64_gram_rows(x: torch.Tensor, centre: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G[rows, :], squared norms of every row) of fl(x - centre) in float64, one column block at a time."""
-    n = x.shape[0]
-    gram = torch.zeros(len(rows), n, dtype=torch.float64)
-    sq = torch.zeros(n, dtype=torch.float64)
-    for start in range(0, x.shape[1], _BLOCK):
-        block = x[:, start : start + _BLOCK].to(torch.float64) - centre[start : start + _BLOCK].to(torch.float64)
-        gram.addmm_(block[rows], block.T)
-        sq += (block * block).sum(dim=1)
-    return gram, sq
+def _float64_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(Gram matrix, squared norms, gamma) of fl(x - centre) in float64, one column block at a time."""
+    n, d = x.shape
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, d, _BLOCK):
+        block = _centred(x, start, benign, torch.float64)
+        gram.addmm_(block, block.T)
+    gamma = (d + 4) * _U64 / (1 - (d + 4) * _U64)  # float64 products and sums of d terms in any order, and D~
+    return gram, gram.diagonal().clone(), gamma
 
 
 class _Intervals:
@@ -150,47 +166,49 @@ class _Intervals:
     def __init__(self, x: torch.Tensor, num_malicious: int) -> None:
         self.x = x
         n, d = x.shape
-        self.centre = _centre(x, num_malicious)
-        self.level = torch.zeros(n, dtype=torch.long)  # per row: 0 float32 bounds, 1 float64 bounds, 2 exact
+        self.benign = _centre(x, num_malicious)
         everything = torch.arange(n)
-        route = _float32_gram(x, self.centre) if x.dtype == torch.float32 else None
+        # per row: 0 the first float32 bounds, 1 float32 bounds from short chunks (or float64 ones), 2 exact
+        self.level = torch.zeros(n, dtype=torch.long)
+        route = _float32_gram(x, self.benign, None, _CHUNK) if x.dtype == torch.float32 else None
         if route is None:
-            self.lower, self.upper = self._float64_bounds(everything)
+            gram, sq, gamma = _float64_gram(x, self.benign)
+            self.lower, self.upper = _bounds(gram, sq, everything, gamma, _U64, _TINY64, d)
             self.level[:] = 1
         else:
-            gram, gamma = route
-            self.lower, self.upper = _bounds(gram, gram.diagonal().clone(), everything, gamma, _U32, _TINY32, d)
+            gram, sq, gamma = route
+            self.lower, self.upper = _bounds(gram, sq, everything, gamma, _U32, _TINY32, d)
         self._set_own()
-
-    def _float64_bounds(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.x.shape[1]
-        gram, sq = _float64_gram_rows(self.x, self.centre, rows)
-        gamma = (d + 4) * _U64 / (1 - (d + 4) * _U64)  # float64 products and sums of d terms in any order, and D~
-        return _bounds(gram, sq, rows, gamma, _U64, _TINY64, d)
 
     def _set_own(self) -> None:
         self.lower.fill_diagonal_(-math.inf)
         self.upper.fill_diagonal_(-math.inf)
 
-    def _store(self, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> None:
-        """Bounds on d_ij hold for d_ji: intersect them with the known ones in the rows and the columns (so that an
-        exact row stays exact)."""
-        self.lower[rows] = torch.maximum(self.lower[rows], lower)
-        self.upper[rows] = torch.minimum(self.upper[rows], upper)
-        self.lower[:, rows] = torch.maximum(self.lower[:, rows], lower.T)
-        self.upper[:, rows] = torch.minimum(self.upper[:, rows], upper.T)
+    def _store(self, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, exact: bool = False) -> None:
+        """Bounds on d_ij hold for d_ji: store them in the rows and the columns, intersected with the known ones;
+        exact distances replace bounds and are never replaced."""
+        if not exact:
+            keep = (self.level == 2)[None, :]
+            lower = torch.where(keep, self.lower[rows], torch.maximum(self.lower[rows], lower))
+            upper = torch.where(keep, self.upper[rows], torch.minimum(self.upper[rows], upper))
+        self.lower[rows], self.upper[rows] = lower, upper
+        self.lower[:, rows], self.upper[:, rows] = lower.T, upper.T
         self._set_own()
 
     def tighten(self, rows: torch.Tensor) -> None:
-        """Move `rows` one level up: float32 bounds to float64 bounds, float64 bounds to exact distances."""
-        first = rows[self.level[rows] == 0]
-        second = rows[self.level[rows] == 1]
-        if len(first):
-            self._store(first, *self._float64_bounds(first))
+        """Move `rows` one level up: to float32 bounds from short chunks, then to exact distances."""
+        first, second = rows[self.level[rows] == 0], rows[self.level[rows] == 1]
+        route = _float32_gram(self.x, self.benign, first, _SHORT_CHUNK) if len(first) else None
+        if route is not None:
+            gram, sq, gamma = route
+            self._store(first, *_bounds(gram, sq, first, gamma, _U32, _TINY32, self.x.shape[1]))
+            self.level[first] = 1
+        elif len(first):  # squares that overflow float32: straight to the exact distances
+            second = torch.cat([second, first])
         if len(second):
             exact = direct_sq_distances(self.x, second)
-            self._store(second, exact, exact)
-        self.level[rows] += 1
+            self._store(second, exact, exact, exact=True)
+            self.level[second] = 2
 
     def select(self, num_malicious: int, keep: int, alive: torch.Tensor) -> torch.Tensor:
         """The `keep` rows of `alive` with the smallest exact Krum scores among `alive`, the first on a tie."""
