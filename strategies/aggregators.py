@@ -220,9 +220,11 @@ def weiszfeld(updates: torch.Tensor, weights: torch.Tensor, *, max_iter: int = 1
     z <- sum_i b_i x_i / sum_i b_i, b_i = a_i / max(eps, ||z - x_i||), a_i the normalised weights, until the duality
     gap of the objective F(z) = sum_i a_i ||z - x_i|| is at most tol F(z).
 
-    The gap is a proof, not a stall test: u_i = a_i (z - x_i) / ||z - x_i|| (0 where z = x_i) has |u_i| <= a_i and
-    sums to the gradient g, so v_i = (u_i - a_i g) / (1 + |g|) is dual feasible (|v_i| <= a_i, sum v_i = 0) and
-    F* >= sum_i v_i . (z - x_i) = (F(z) - g . (z - xbar)) / (1 + |g|), xbar the weighted mean."""
+    The gap is a proof, not a stall test. Any u_i with |u_i| <= a_i and g = sum_i u_i give the dual feasible
+    v_i = (u_i - a_i g) / (1 + |g|) (|v_i| <= a_i, sum_i v_i = 0), hence F* >= sum_i v_i . (z - x_i)
+    = (sum_i u_i . (z - x_i) - g . (z - xbar)) / (1 + |g|), xbar the weighted mean. Far rows take
+    u_i = a_i (z - x_i) / ||z - x_i||; rows within eps of z (z sits on a data point, as the median in 1-D) share
+    the job of cancelling the far rows' sum g_far: u_i = -a_i g_far / max(A_near, |g_far|)."""
     x = updates
     a = (weights / weights.sum()).to(torch.float64)
     mean = _weighted_rows(x, a[None, :])[0]
@@ -231,12 +233,20 @@ def weiszfeld(updates: torch.Tensor, weights: torch.Tensor, *, max_iter: int = 1
     for iteration in range(1, max_iter + 1):
         dist = _distances_to(x, z)
         objective = float(a @ dist)
-        u = torch.where(dist > 0, a / dist.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        far = dist > eps
+        w = torch.where(far, a / dist.clamp_min(eps), 0.0)
         b = a / dist.clamp_min(eps)
-        sums = _weighted_rows(x, torch.stack([u, b]))
-        grad = u.sum() * z - sums[0]
-        lower = (objective - float(grad @ (z - mean))) / (1 + float(grad.norm()))
-        gap = objective - lower
+        sums = _weighted_rows(x, torch.stack([w, b]))
+        g = w.sum() * z - sums[0]
+        inner = float(a[far] @ dist[far])
+        near = torch.nonzero(~far).flatten()
+        if len(near):
+            share = float(a[near].sum())
+            scale = max(share, float(g.norm()))
+            inner -= float(a[near] @ ((z - x[near].to(torch.float64)) @ g)) / scale
+            g = g * (1 - share / scale)
+        lower = (inner - float(g @ (z - mean))) / (1 + float(g.norm()))
+        gap = max(objective - lower, 0.0)
         if gap <= tol * objective:
             return z, iteration, gap / objective if objective > 0 else 0.0
         z = sums[1] / b.sum()
