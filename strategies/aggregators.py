@@ -27,6 +27,7 @@ from strategies.distances import bulyan_select, check_stack, krum_select
 
 Aggregator = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 _LOG = logging.getLogger(__name__)
+_GEOMED_BLOCK = 4096  # columns per float64 block in geomed: a block of the stack stays in cache
 
 
 def _check_weights(updates: torch.Tensor, weights: torch.Tensor, rule: str) -> None:
@@ -256,16 +257,16 @@ def weiszfeld(updates: torch.Tensor, weights: torch.Tensor, *, max_iter: int = 1
 def _weighted_rows(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """coefficients (k x n, float64) @ x in float64, one column block at a time (no float64 copy of the stack)."""
     out = torch.empty(coefficients.shape[0], x.shape[1], dtype=torch.float64)
-    for start in range(0, x.shape[1], 1 << 16):
-        out[:, start : start + (1 << 16)] = coefficients @ x[:, start : start + (1 << 16)].to(torch.float64)
+    for start in range(0, x.shape[1], _GEOMED_BLOCK):
+        out[:, start : start + _GEOMED_BLOCK] = coefficients @ x[:, start : start + _GEOMED_BLOCK].to(torch.float64)
     return out
 
 
 def _distances_to(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """||x_i - z|| in float64 for every row, one column block at a time."""
     sq = torch.zeros(x.shape[0], dtype=torch.float64)
-    for start in range(0, x.shape[1], 1 << 16):
-        diff = x[:, start : start + (1 << 16)].to(torch.float64) - z[start : start + (1 << 16)]
+    for start in range(0, x.shape[1], _GEOMED_BLOCK):
+        diff = x[:, start : start + _GEOMED_BLOCK].to(torch.float64) - z[start : start + _GEOMED_BLOCK]
         sq += (diff * diff).sum(dim=1)
     return sq.sqrt()
 

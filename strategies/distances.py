@@ -26,7 +26,7 @@ import torch
 
 _CHUNK = 256  # float32 products are summed over at most this many terms before float64 takes over
 _SHORT_CHUNK = 16  # the same for the rows the first bounds leave open: 16x tighter, on a few rows only
-_BLOCK = 4096  # columns per block: a block of the stack stays in cache while it is centred and multiplied
+_BLOCK = 16384  # columns per block: fewer, larger batched products (a block is centred in one pass)
 _DIRECT_WIDTH = 2048  # columns per block of direct differences: fixed, so that every call sums in the same order
 _SAMPLE_WINDOWS, _SAMPLE_WIDTH = 16, 128  # columns that choose the centre: 16 windows of 128, spread over the stack
 _U32, _U64 = 2.0**-24, 2.0**-53  # unit roundoffs
@@ -87,7 +87,9 @@ def _centre(x: torch.Tensor, num_malicious: int) -> torch.Tensor | None:
     else:
         starts = torch.linspace(0, d - _SAMPLE_WIDTH, _SAMPLE_WINDOWS).long().tolist()
         sample = torch.cat([x[:, s : s + _SAMPLE_WIDTH] for s in starts], dim=1).to(torch.float64)
-    dist = direct_sq_distances(sample).fill_diagonal_(-math.inf)
+    sample = sample - sample.median(dim=0).values  # a heuristic: float64 Gram distances suffice
+    gram = sample @ sample.T
+    dist = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).fill_diagonal_(-math.inf)
     benign = torch.argsort(krum_scores(dist, num_malicious), stable=True)[: max(1, min(8, n - 2 * num_malicious))]
     rows = sample[benign]
     return benign if float(((rows - rows.mean(dim=0)) ** 2).sum()) <= 0.5 * float((rows**2).sum()) else None
