@@ -8,14 +8,16 @@ it, in three levels:
    in float64 (batched GEMMs, about the cost of one plain GEMM), with a proved error bound. A float32 dot product of
    c terms, summed in any order, is within gamma_c = c u / (1 - c u) of sum |a_k b_k| (u = 2^-24; Higham, "Accuracy
    and Stability of Numerical Algorithms", sec. 3.1), so gamma_c rather than gamma_d bounds every distance.
-2. rows left open: the same centred Gram rows in float64 (gamma_d with u = 2^-53; float64 stacks start here).
+2. rows left open: their Gram rows again from chunks of `_SHORT_CHUNK` columns (16x tighter). float64 stacks (and
+   float32 ones whose squares overflow) start here instead with a float64 Gram matrix (gamma_d with u = 2^-53).
 3. rows still open (exact ties, clusters of huge rows): direct differences sum_k (x_ik - x_jk)^2 in float64, the
-   brute-force value.
+   brute-force value, summed in a fixed order.
 
 The bounds are relative to the centred rows' norms, so the centre decides how tight they are: the column mean, which
-a few huge rows drag far from the benign ones, would leave every benign distance in rounding noise. `_centre` is
-the mean of the rows that look most benign (best Krum scores) on a sample of columns, or zero when centring would
-not shrink those rows. A bad centre costs time, never the result: the rows it leaves open go to levels 2 and 3.
+a few huge rows drag far from the benign ones, would leave every benign distance in rounding noise. The centre here
+is the mean of the rows that look most benign (best Krum scores) on a sample of columns, or zero when centring would
+not shrink those rows (`_centre`). A bad centre costs time, never the result: the rows it leaves open go to levels 2
+and 3. A row is settled once its Krum score's interval puts it certainly in or certainly out of the selection.
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None, rows: torch.Tens
             sq += (y * y).sum(dim=1, dtype=torch.float64)  # float32 squares (error u each), float64 sums
     if not bool(torch.isfinite(gram).all()):
         return None
-    sums = -(-d // chunk) + 4  # float64 additions on any path, and the 3 operations of D~
+    # float64 additions on any path (the squared norms of `rows` mode add every column's square), and D~'s 3
+    sums = (d if rows is not None else -(-d // chunk)) + 4
     gamma = chunk * _U32 / (1 - chunk * _U32) + sums * _U64 / (1 - sums * _U64)
     return gram, gram.diagonal().clone() if rows is None else sq, gamma
 
