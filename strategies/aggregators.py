@@ -124,7 +124,8 @@ def trimmed_mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: in
             raise ValueError(f"trimmed_mean with trim=f needs n >= 2f + 1 (got n={n} updates, f={k}): lower "
                              f"aggregator.f or sample more clients (clients_per_round >= {2 * k + 1})")
     else:
-        raise ValueError(f"trimmed_mean: trim must be 'beta' (floor(beta n) per side) or 'f' (f per side), got {trim!r}")
+        raise ValueError(f"trimmed_mean: trim must be 'beta' (floor(beta n) per side) or 'f' (f per side), "
+                         f"got {trim!r}")
     if k == 0:
         return updates.mean(dim=0)
     return _by_column_blocks(updates, partial(_trimmed_row_means, k=k))
