@@ -2,6 +2,7 @@
 
     python benchmarks/aggregators.py            # n in {10, 50, 100} x d in {1e5, 1e6}
     python benchmarks/aggregators.py --quick    # n in {10, 50} x d = 1e5
+    python benchmarks/aggregators.py --threads 1 --cap 10   # steadier ratios on a busy machine, Flower stopped at 10 s
 
 For each rule and size it prints the time of ours and of Flower's matching function (best of the repeats), their
 ratio, ours over the bare float32 Gram product `x @ x.T` of the same stack timed just before (ours/Gram: the
@@ -105,7 +106,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="n in {10, 50}, d = 1e5 only")
     parser.add_argument("--cap", type=float, default=120.0, help="seconds after which a Flower function is stopped")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 keeps the ratios steady on an oversubscribed machine, "
+                             "where every parallel region of ours (many) and of the Gram product (one) waits for a "
+                             "descheduled thread")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     sizes = [(n, d) for d in ([10**5] if args.quick else [10**5, 10**6]) for n in ([10, 50] if args.quick else [10, 50, 100])]
     print(f"torch threads: {torch.get_num_threads()}; Flower's functions are numpy (mostly one thread)")
     print(f"{'rule':<14}{'n':>5}{'d':>9}{'ours s':>10}{'flower s':>11}{'speed-up':>10}{'ours/Gram':>11}"
