@@ -2,12 +2,17 @@
 
     python benchmarks/aggregators.py            # n in {10, 50, 100} x d in {1e5, 1e6}
     python benchmarks/aggregators.py --quick    # n in {10, 50} x d = 1e5
+    python benchmarks/aggregators.py --threads 1 --cap 10   # steadier ratios on a busy machine, Flower stopped at 10 s
 
 For each rule and size it prints the time of ours and of Flower's matching function (best of the repeats), their
-ratio, and ours' peak extra resident memory as a multiple of the stack's size (VmHWM after resetting it through
+ratio, ours over the bare float32 Gram product `x @ x.T` of the same stack timed just before (ours/Gram: the
+targets are Krum and Multi-Krum within 1.5x and Bulyan within 3x wherever the product takes 10 ms or more), and
+ours' peak extra resident memory as a multiple of the stack's size (VmHWM after resetting it through
 /proc/self/clear_refs, minus the resident size before the call). Flower's functions run in a forked child so that
 one slower than --cap seconds can be stopped; the ratio is then a lower bound (">"). f = (n - 3) // 4, the largest
-Bulyan allows.
+Bulyan allows. After the plain stack, Krum, Multi-Krum and Bulyan run again on the same stack with its first n // 10
+rows scaled by 1e8 ("huge" rows: the regime robust rules exist for, where centring on the column mean spoils the
+Gram route), with ours/Gram only.
 
 The last rows of each size time bare float32 Gram products of the stack, with no bound, centring or selection, and
 give Flower's Krum time over each: `x @ x.T f32` (torch's GEMM, n^2 d multiply-adds, as many as Flower's loop does
@@ -101,16 +106,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="n in {10, 50}, d = 1e5 only")
     parser.add_argument("--cap", type=float, default=120.0, help="seconds after which a Flower function is stopped")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 keeps the ratios steady on an oversubscribed machine, "
+                             "where every parallel region of ours (many) and of the Gram product (one) waits for a "
+                             "descheduled thread")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     sizes = [(n, d) for d in ([10**5] if args.quick else [10**5, 10**6]) for n in ([10, 50] if args.quick else [10, 50, 100])]
     print(f"torch threads: {torch.get_num_threads()}; Flower's functions are numpy (mostly one thread)")
-    print(f"{'rule':<14}{'n':>5}{'d':>9}{'ours s':>10}{'flower s':>11}{'speed-up':>10}{'peak mem/stack':>16}")
+    print(f"{'rule':<14}{'n':>5}{'d':>9}{'ours s':>10}{'flower s':>11}{'speed-up':>10}{'ours/Gram':>11}"
+          f"{'peak mem/stack':>16}")
     for n, d in sizes:
         f = (n - 3) // 4
         stack = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 7 + d))
         weights = torch.ones(n, dtype=torch.float64)
         results = [([row], 1) for row in stack.numpy()]
         repeats = 3 if n * d <= 5 * 10**6 else 1
+        t_plain_gram = _best(lambda: stack @ stack.T, max(repeats, 3))
         flower_seconds: dict[str, float | None] = {}
         for name in AGGREGATORS:
             t_ours, mem = ours(name, stack, weights, f, repeats)
@@ -121,7 +134,16 @@ def main() -> None:
                 ref, ratio = f">{args.cap:.0f}", f">{args.cap / t_ours:.0f}x"
             else:
                 ref, ratio = f"{t_ref:.3f}", f"{t_ref / t_ours:.1f}x"
-            print(f"{name:<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{ref:>11}{ratio:>10}{mem:>15.2f}x", flush=True)
+            print(f"{name:<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{ref:>11}{ratio:>10}{t_ours / t_plain_gram:>10.2f}x"
+                  f"{mem:>15.2f}x", flush=True)
+        huge = stack.clone()
+        huge[: max(1, n // 10)] *= 1e8
+        t_huge_gram = _best(lambda: huge @ huge.T, max(repeats, 3))
+        for name in ("krum", "multikrum", "bulyan"):
+            t_ours, mem = ours(name, huge, weights, f, repeats)
+            print(f"{name + ' huge':<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{'-':>11}{'-':>10}{t_ours / t_huge_gram:>10.2f}x"
+                  f"{mem:>15.2f}x", flush=True)
+        del huge
         krum_ref = flower_seconds["krum"]
         transposed = stack.numpy().T  # d x n, Fortran-ordered: ssyrk's A^T A is the n x n Gram matrix, with no copy
         grams = {

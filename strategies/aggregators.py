@@ -1,15 +1,18 @@
 """Aggregation rules: pure functions over the stacked updates of one round (ByzFL style).
 
-Every rule takes `updates` (n x d float tensor, one row per accepted client update), `weights` (n sample counts)
-and `num_malicious` (f, the number of malicious rows the rule should tolerate) and returns the aggregated update
-(d,). Pairwise distances come from the Gram matrix, column block by column block (strategies/distances.py);
-coordinate-wise order statistics partition cache-sized transposed column blocks (no full sort, no copy of the
-stack), so peak extra memory stays within a few copies of the stack. A rule that cannot run on the rows it got
-raises ValueError; `check_aggregator` says so for a configuration before any round runs.
+Every rule takes `updates` (n x d float32/float64 tensor, one row per accepted client update), `weights` (n sample
+counts) and `num_malicious` (f, the number of malicious rows the rule should tolerate) and returns the aggregated
+update (d,), never changing `updates`. Krum, Multi-Krum and Bulyan select exactly the rows brute-force float64
+distances select, the first on a tie (strategies/distances.py); coordinate-wise order statistics partition
+cache-sized transposed copies of column blocks (no full sort, no copy of the stack), so peak extra memory stays
+within a few copies of the stack. A stack no rule can aggregate (empty, not 2-D, not float32/float64, NaN or
+infinite entries, f < 0) or one the rule cannot run on raises ValueError naming the problem; `check_aggregator`
+checks a configuration before any round runs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -20,15 +23,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from strategies.distances import krum_scores, krum_select, pairwise_sq_distances
+from strategies.distances import bulyan_select, check_stack, krum_select
 
 Aggregator = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+_LOG = logging.getLogger(__name__)
+_GEOMED_BLOCK = 4096  # columns per float64 block in geomed: a block of the stack stays in cache
+
+
+def _check_weights(updates: torch.Tensor, weights: torch.Tensor, rule: str) -> None:
+    if weights.shape != (updates.shape[0],) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
+            or not float(weights.sum()) > 0:
+        raise ValueError(f"{rule} needs one finite weight >= 0 per update, not all zero (got {weights.tolist()} for "
+                         f"{updates.shape[0]} updates)")
 
 
 def mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, weighted: bool = False) -> torch.Tensor:
     """Mean of the updates; weighted by sample count (FedAvg, McMahan et al. 2017) or uniform (official Ditto code)."""
+    check_stack(updates, num_malicious, "mean")
     if not weighted:
         return updates.mean(dim=0)
+    _check_weights(updates, weights, "mean")
     w = weights.to(updates.dtype)
     return (w / w.sum()) @ updates
 
@@ -39,9 +53,9 @@ _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))  # n
 
 def _by_column_blocks(x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray],
                       rows: torch.Tensor | None = None) -> torch.Tensor:
-    """One value per coordinate: `reduce` maps a C-contiguous (columns x rows) block of x[rows] (rows=None: all), which
-    it may reorder in place, to one value per column. Cache-sized blocks, in parallel, so the extra memory is a few
-    blocks, never a copy of the stack."""
+    """One value per coordinate: `reduce` maps a C-contiguous (columns x rows) copy of a block of x[rows] (rows=None:
+    all), which it may reorder in place, to one value per column. Cache-sized blocks, in parallel, so the extra memory
+    is a few blocks, never a copy of the stack; the caller's stack is never reordered."""
     a = x.detach().cpu().numpy()
     picked = None if rows is None else rows.numpy()
     out = np.empty(a.shape[1], dtype=a.dtype)
@@ -51,9 +65,10 @@ def _by_column_blocks(x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray
 
     def work(start: int) -> None:
         # a C-contiguous transposed copy: np.partition on the strided view would copy in the view's (column) order
-        # and then select along a stride of `width` elements, about 2x slower
+        # and then select along a stride of `width` elements, about 2x slower. Always a copy: where the transposed
+        # view is already contiguous (d = 1), np.ascontiguousarray would hand `reduce` the caller's own rows
         cols = a[:, start : start + width] if picked is None else a[picked, start : start + width]
-        out[start : start + width] = reduce(np.ascontiguousarray(cols.T))
+        out[start : start + width] = reduce(np.array(cols.T, order="C"))
 
     list(_POOL.map(work, range(0, a.shape[1], width)))
     return torch.from_numpy(out)
@@ -85,17 +100,32 @@ def _row_means_closest_to_median(block: np.ndarray, beta: int) -> np.ndarray:
 
 
 def median(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
-    """Coordinate-wise median (Yin et al., ICML 2018, "Byzantine-robust distributed learning")."""
+    """Coordinate-wise median (Yin et al., ICML 2018, "Byzantine-robust distributed learning"); with an even number of
+    updates, the mean of the two middle values (as numpy and Flower)."""
+    check_stack(updates, num_malicious, "median")
     return _by_column_blocks(updates, _row_medians)
 
 
-def trimmed_mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, beta: float = 0.1) -> torch.Tensor:
-    """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the floor(beta n) smallest and the
-    floor(beta n) largest values and average the rest (as scipy.stats.trim_mean)."""
+def trimmed_mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, beta: float = 0.1,
+                 trim: str = "beta") -> torch.Tensor:
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the k smallest and the k largest
+    values and average the rest. trim="beta" (the default, as before): k = floor(beta n), as scipy.stats.trim_mean
+    and Flower's aggregate_trimmed_avg; trim="f": k = f, the trimmed fraction tied to the number of malicious
+    updates, as the robust-aggregation literature sets it (Yin et al. need beta >= f / n; ByzFL's TrMean trims f)."""
+    check_stack(updates, num_malicious, "trimmed_mean")
     n = updates.shape[0]
-    k = int(beta * n)
-    if n - 2 * k < 1:
-        raise ValueError(f"trimmed_mean with beta={beta} trims all of n={n} updates: use beta < 0.5")
+    if trim == "beta":
+        if not 0 <= beta < 0.5:
+            raise ValueError(f"trimmed_mean needs 0 <= beta < 0.5 (got beta={beta}): beta >= 0.5 trims every update")
+        k = int(beta * n)
+    elif trim == "f":
+        k = num_malicious
+        if n - 2 * k < 1:
+            raise ValueError(f"trimmed_mean with trim=f needs n >= 2f + 1 (got n={n} updates, f={k}): lower "
+                             f"aggregator.f or sample more clients (clients_per_round >= {2 * k + 1})")
+    else:
+        raise ValueError(f"trimmed_mean: trim must be 'beta' (floor(beta n) per side) or 'f' (f per side), "
+                         f"got {trim!r}")
     if k == 0:
         return updates.mean(dim=0)
     return _by_column_blocks(updates, partial(_trimmed_row_means, k=k))
@@ -121,7 +151,8 @@ def krum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -
     """Krum (Blanchard et al., NeurIPS 2017): the update whose n - f - 2 nearest neighbours (itself excluded) are
     closest in summed squared distance (the first on a tie). Its guarantee assumes n >= 2f + 3; like the official
     Ditto code it runs whenever there is a neighbour to count (n >= f + 3). The choice is the one exact float64
-    distances give; float32 bounds settle it where they can (`krum_select`)."""
+    distances give, whatever the rows' magnitudes (`krum_select`)."""
+    check_stack(updates, num_malicious, "krum")
     _needs("krum", updates.shape[0], num_malicious)
     return updates[int(krum_select(updates, num_malicious, 1)[0])].clone()
 
@@ -129,8 +160,11 @@ def krum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -
 def multikrum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, m: int | None = None) -> torch.Tensor:
     """Multi-Krum (Blanchard et al., NeurIPS 2017): the unweighted mean of the m updates with the best Krum scores
     (m = n - f when null). Runs when n >= f + 3, as Krum."""
+    check_stack(updates, num_malicious, "multikrum")
+    _needs("multikrum", updates.shape[0], num_malicious)
     n = updates.shape[0]
-    _needs("multikrum", n, num_malicious)
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"multikrum needs m to be null (n - f) or an integer >= 1 (got {m!r})")
     keep = n - num_malicious if m is None else min(m, n)
     share = torch.zeros(n, dtype=updates.dtype)
     share[krum_select(updates, num_malicious, keep)] = 1.0 / keep
@@ -142,56 +176,116 @@ def bulyan(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0)
     remaining ones, removing the one chosen), then per coordinate average the beta = theta - 2f selected values
     closest to the selected values' median. Requires n >= 4f + 3."""
     n, f = updates.shape[0], num_malicious
+    check_stack(updates, f, "bulyan")
     _needs("bulyan", n, f)
     if f == 0:
         return updates.mean(dim=0)  # theta = n: every update is selected, none is trimmed
-    dist = pairwise_sq_distances(updates)
-    remaining = list(range(n))
-    chosen = []
-    for _ in range(n - 2 * f):
-        idx = torch.tensor(remaining)
-        best = remaining[int(torch.argmin(krum_scores(dist[idx][:, idx], f)))]
-        chosen.append(best)
-        remaining.remove(best)
+    chosen = bulyan_select(updates, f, n - 2 * f)
     beta = len(chosen) - 2 * f
-    return _by_column_blocks(updates, partial(_row_means_closest_to_median, beta=beta), rows=torch.tensor(chosen))
+    return _by_column_blocks(updates, partial(_row_means_closest_to_median, beta=beta), rows=chosen)
 
 
 def knorm(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
     """k-norm: drop the f updates of largest Euclidean norm and average the rest (the norm-filtering baseline of
-    the official Ditto code; cf. Sun et al. 2019, "Can you really backdoor federated learning?")."""
+    the official Ditto code; cf. Sun et al. 2019, "Can you really backdoor federated learning?"). Norms in float64;
+    of equal norms the first rows are kept."""
+    check_stack(updates, num_malicious, "knorm")
+    _needs("knorm", updates.shape[0], num_malicious)
     n = updates.shape[0]
-    _needs("knorm", n, num_malicious)
-    keep = torch.topk(updates.norm(dim=1), n - num_malicious, largest=False).indices
-    return updates[keep].mean(dim=0)
+    norms = _distances_to(updates, torch.zeros(updates.shape[1], dtype=torch.float64))
+    share = torch.zeros(n, dtype=updates.dtype)
+    share[torch.argsort(norms, stable=True)[: n - num_malicious]] = 1.0 / (n - num_malicious)
+    return share @ updates  # the mean of the kept rows without copying them out of the stack
 
 
 def norm_clip(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, inner: str = "mean",
-              **inner_options: Any) -> torch.Tensor:
-    """Norm clipping (Sun et al. 2019): scale every update down to at most the median norm of the round, then
-    aggregate the clipped updates with the registry rule `inner` (with `inner_options`)."""
+              radius: str = "lower_median", **inner_options: Any) -> torch.Tensor:
+    """Norm clipping (Sun et al. 2019): scale every update down to at most the round's median norm, then aggregate
+    the clipped updates with the registry rule `inner` (with `inner_options`). With an even number of updates the
+    median is a convention: radius="lower_median" (the default, as before: torch.median, the lower of the two middle
+    norms) or "median" (the mean of the two middle norms, as numpy)."""
+    check_stack(updates, num_malicious, "norm_clip")
     norms = updates.norm(dim=1)
-    scale = (norms.median() / norms.clamp_min(1e-12)).clamp_max(1.0)
+    if radius == "lower_median":
+        clip = norms.median()
+    elif radius == "median":
+        clip = norms.double().quantile(0.5).to(norms.dtype)
+    else:
+        raise ValueError(f"norm_clip: radius must be 'lower_median' or 'median', got {radius!r}")
+    scale = (clip / norms.clamp_min(1e-12)).clamp_max(1.0)
     return AGGREGATORS[inner](updates * scale[:, None].to(updates.dtype), weights, num_malicious, **inner_options)
 
 
-def geomed(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, max_iter: int = 100,
-           eps: float = 1e-6, tol: float = 1e-6) -> torch.Tensor:
-    """Geometric median by smoothed Weiszfeld (RFA: Pillutla, Kakade, Harchaoui 2022): z <- sum_i b_i x_i / sum_i b_i
-    with b_i = a_i / max(eps, ||z - x_i||), a_i the sample weights, until the weighted objective stops improving by
-    more than tol (relative)."""
-    alpha = (weights / weights.sum()).to(torch.float64)
-    z = (alpha.to(updates.dtype) @ updates)
-    objective = math.inf
-    for _ in range(max_iter):
-        dist = torch.linalg.vector_norm(updates - z, dim=1).to(torch.float64)
-        new_objective = float(alpha @ dist)
-        if objective - new_objective <= tol * new_objective:
-            break
-        objective = new_objective
-        b = alpha / dist.clamp_min(eps)
-        z = (b / b.sum()).to(updates.dtype) @ updates
-    return z
+def weiszfeld(updates: torch.Tensor, weights: torch.Tensor, *, max_iter: int = 1000, eps: float = 1e-8,
+              tol: float = 1e-6) -> tuple[torch.Tensor, int, float]:
+    """(geometric median z, iterations used, certified relative gap) by smoothed Weiszfeld in float64:
+    z <- sum_i b_i x_i / sum_i b_i, b_i = a_i / max(eps, ||z - x_i||), a_i the normalised weights, until the duality
+    gap of the objective F(z) = sum_i a_i ||z - x_i|| is at most tol F(z).
+
+    The gap is a proof, not a stall test. Any u_i with |u_i| <= a_i and g = sum_i u_i give the dual feasible
+    v_i = (u_i - a_i g) / (1 + |g|) (|v_i| <= a_i, sum_i v_i = 0), hence F* >= sum_i v_i . (z - x_i)
+    = (sum_i u_i . (z - x_i) - g . (z - xbar)) / (1 + |g|), xbar the weighted mean. Far rows take
+    u_i = a_i (z - x_i) / ||z - x_i||; rows within eps of z (z sits on a data point, as the median in 1-D) share
+    the job of cancelling the far rows' sum g_far: u_i = -a_i g_far / max(A_near, |g_far|)."""
+    x = updates
+    a = (weights / weights.sum()).to(torch.float64)
+    mean = _weighted_rows(x, a[None, :])[0]
+    z = mean
+    gap = math.inf
+    for iteration in range(1, max_iter + 1):
+        dist = _distances_to(x, z)
+        objective = float(a @ dist)
+        far = dist > eps
+        w = torch.where(far, a / dist.clamp_min(eps), 0.0)
+        b = a / dist.clamp_min(eps)
+        sums = _weighted_rows(x, torch.stack([w, b]))
+        g = w.sum() * z - sums[0]
+        inner = float(a[far] @ dist[far])
+        near = torch.nonzero(~far).flatten()
+        if len(near):
+            share = float(a[near].sum())
+            scale = max(share, float(g.norm()))
+            inner -= float(a[near] @ ((z - x[near].to(torch.float64)) @ g)) / scale
+            g = g * (1 - share / scale)
+        lower = (inner - float(g @ (z - mean))) / (1 + float(g.norm()))
+        gap = max(objective - lower, 0.0)
+        if gap <= tol * objective:
+            return z, iteration, gap / objective if objective > 0 else 0.0
+        z = sums[1] / b.sum()
+    return z, max_iter, gap / objective if objective > 0 else 0.0
+
+
+def _weighted_rows(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """coefficients (k x n, float64) @ x in float64, one column block at a time (no float64 copy of the stack)."""
+    out = torch.empty(coefficients.shape[0], x.shape[1], dtype=torch.float64)
+    for start in range(0, x.shape[1], _GEOMED_BLOCK):
+        out[:, start : start + _GEOMED_BLOCK] = coefficients @ x[:, start : start + _GEOMED_BLOCK].to(torch.float64)
+    return out
+
+
+def _distances_to(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """||x_i - z|| in float64 for every row, one column block at a time."""
+    sq = torch.zeros(x.shape[0], dtype=torch.float64)
+    for start in range(0, x.shape[1], _GEOMED_BLOCK):
+        diff = x[:, start : start + _GEOMED_BLOCK].to(torch.float64) - z[start : start + _GEOMED_BLOCK]
+        sq += (diff * diff).sum(dim=1)
+    return sq.sqrt()
+
+
+def geomed(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, max_iter: int = 1000,
+           eps: float = 1e-8, tol: float = 1e-6) -> torch.Tensor:
+    """Geometric median, weighted by sample counts (RFA: Pillutla, Kakade, Harchaoui 2022), by smoothed Weiszfeld
+    in float64 until the objective is within tol (relative) of its optimum, certified by a duality gap
+    (`weiszfeld`); logs the iterations used, and warns when max_iter ends it first."""
+    check_stack(updates, num_malicious, "geomed")
+    _check_weights(updates, weights, "geomed")
+    z, iterations, gap = weiszfeld(updates, weights, max_iter=max_iter, eps=eps, tol=tol)
+    if gap > tol:
+        _LOG.warning("geomed: stopped at max_iter=%d with relative gap %.2e > tol=%.1e: raise aggregator.max_iter",
+                     iterations, gap, tol)
+    else:
+        _LOG.info("geomed: relative gap %.2e after %d iterations", gap, iterations)
+    return z.to(updates.dtype)
 
 
 def centered_clip(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, tau: float | None = None,
@@ -199,6 +293,7 @@ def centered_clip(updates: torch.Tensor, weights: torch.Tensor, num_malicious: i
     """Centered clipping (Karimireddy, He, Jaggi, ICML 2021): starting from `center` (the previous round's
     aggregate; zero at first), `iters` times v <- v + mean_i (x_i - v) min(1, tau / ||x_i - v||). tau = null uses
     the median distance of the updates to the starting point."""
+    check_stack(updates, num_malicious, "centered_clip")
     v = torch.zeros(updates.shape[1], dtype=updates.dtype) if center is None else center.to(updates.dtype)
     radius = tau
     for _ in range(iters):
@@ -229,9 +324,13 @@ STATEFUL = {"centered_clip"}
 
 
 def check_aggregator(options: Mapping[str, Any], clients_per_round: int, num_malicious: int) -> None:
-    """Raise ValueError, naming the fix, when the rule cannot run on `clients_per_round` updates with f given."""
-    if options["name"] in MIN_UPDATES:
-        _needs(options["name"], clients_per_round, num_malicious)
+    """Raise ValueError, naming the fix, when the rule cannot run on `clients_per_round` updates with f given or an
+    option has no meaning: the configured rule runs once on a stack of zeros, so its own checks speak."""
+    n = clients_per_round
+    try:
+        build_aggregator(options)(torch.zeros(n, 1), torch.ones(n, dtype=torch.float64), num_malicious)
+    except TypeError as err:  # an option the rule does not take
+        raise ValueError(f"{options['name']} does not take one of the options {dict(options)}: {err}") from None
 
 
 class WithPrevious:

@@ -1,18 +1,23 @@
-"""Pairwise squared distances between updates, and the Krum selections that rank them.
+"""Krum selections that equal the brute-force float64 ones whatever the rows' magnitudes, at about the cost of one
+float32 Gram product.
 
-Two ways to the n x n distances of an n x d stack, both through the Gram matrix (no loop over pairs):
+Squared distances are known as intervals [lower, upper] per pair, tightened row by row only where a selection needs
+it, in three levels:
 
-- `pairwise_sq_distances`: exact to float64 rounding. Per block of columns it centres a float64 copy of the block
-  and adds its Gram product, so there is never an n x d float64 copy of the stack.
-- `_float32_bounds`: a float32 Gram matrix (about 2x faster than float64 GEMM on CPU) with a proved bound on the
-  error of every distance. A float32 dot product of c terms, summed in any order, is within
-  gamma_c = c u / (1 - c u) of sum |a_k b_k| (u = 2^-24; Higham, "Accuracy and Stability of Numerical Algorithms",
-  sec. 3.1). Products are taken over chunks of c = 64 columns and summed in float64, so the bound uses
-  gamma_64 = 3.8e-6 instead of gamma_d (a distance is then known to about 1e-5 of itself for unrelated rows).
+1. float32 stacks: a float32 Gram matrix of the rows minus a centre, products over chunks of `_CHUNK` columns summed
+   in float64 (batched GEMMs, about the cost of one plain GEMM), with a proved error bound. A float32 dot product of
+   c terms, summed in any order, is within gamma_c = c u / (1 - c u) of sum |a_k b_k| (u = 2^-24; Higham, "Accuracy
+   and Stability of Numerical Algorithms", sec. 3.1), so gamma_c rather than gamma_d bounds every distance.
+2. rows left open: their Gram rows again from chunks of `_SHORT_CHUNK` columns (16x tighter). float64 stacks (and
+   float32 ones whose squares overflow) start here instead with a float64 Gram matrix (gamma_d with u = 2^-53).
+3. rows still open (exact ties, clusters of huge rows): direct differences sum_k (x_ik - x_jk)^2 in float64, the
+   brute-force value, summed in a fixed order.
 
-`krum_select` ranks the Krum scores with the bounds and computes exact float64 distances only for the rows whose
-rank the bounds leave open. Its selection is the one exact float64 distances give, at about the float32 cost when
-the scores are not tied to within about 1e-5.
+The bounds are relative to the centred rows' norms, so the centre decides how tight they are: the column mean, which
+a few huge rows drag far from the benign ones, would leave every benign distance in rounding noise. The centre here
+is the mean of the rows that look most benign (best Krum scores) on a sample of columns, or zero when centring would
+not shrink those rows (`_centre`). A bad centre costs time, never the result: the rows it leaves open go to levels 2
+and 3. A row is settled once its Krum score's interval puts it certainly in or certainly out of the selection.
 """
 
 from __future__ import annotations
@@ -21,43 +26,34 @@ import math
 
 import torch
 
-_GRAM_COLUMNS = 4096  # columns per float64 block: n x 4096 doubles stay in cache
-_CHUNK = 64  # float32 products are summed over at most this many terms before float64 takes over
-_CHUNKS_PER_BLOCK = 64  # chunks centred and multiplied per batched product (n x 4096 floats)
-_U32 = 2.0**-24  # unit roundoff of float32
-_U64 = 2.0**-53
+_CHUNK = 256  # float32 products are summed over at most this many terms before float64 takes over
+_SHORT_CHUNK = 16  # the same for the rows the first bounds leave open: 16x tighter, on a few rows only
+_BLOCK = 16384  # columns per block: fewer, larger batched products (a block is centred in one pass)
+_DIRECT_WIDTH = 2048  # columns per block of direct differences: fixed, so that every call sums in the same order
+_SAMPLE_WINDOWS, _SAMPLE_WIDTH = 16, 128  # columns that choose the centre: 16 windows of 128, spread over the stack
+_U32, _U64 = 2.0**-24, 2.0**-53  # unit roundoffs
+_TINY32, _TINY64 = 2.0**-126, 2.0**-1022  # absolute error of a result that underflows (flushed or not)
 
 
-def _centred_gram_rows(x: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G[rows, :], squared norms of every row) of the rows centred per coordinate, in float64, one column block at
-    a time; rows=None is all of them."""
-    n = x.shape[0]
-    gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64)
-    sq = torch.zeros(n, dtype=torch.float64)
-    for start in range(0, x.shape[1], _GRAM_COLUMNS):
-        block = x[:, start : start + _GRAM_COLUMNS].to(torch.float64, copy=True)  # never centre the caller's rows
-        block -= block.mean(dim=0)
-        gram.addmm_(block if rows is None else block[rows], block.T)
-        sq += (block * block).sum(dim=1)
-    return gram, sq
-
-
-def _exact_rows(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared distances from `rows` (None: all) to every row, float64; a row's distance to itself is 0."""
-    gram, sq = _centred_gram_rows(x, rows)
-    own = torch.arange(x.shape[0]) if rows is None else rows
-    # GEMM need not give G_ij and G_ji the same rounding (MKL's edge tiles do not); average them so that d_ij == d_ji
-    # bit for bit and a tie that symmetry makes (two mutual nearest neighbours, when Krum counts one) stays a tie
-    among = gram[:, own]
-    gram[:, own] = (among + among.T) / 2
-    dist = (sq[own, None] + sq[None, :] - 2 * gram).clamp_min_(0.0)
-    dist[torch.arange(len(own)), own] = 0.0
-    return dist
-
-
-def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    """n x n squared Euclidean distances between rows, from the Gram matrix of the centred rows (float64)."""
-    return _exact_rows(x)
+def check_stack(updates: torch.Tensor, num_malicious: int, rule: str) -> None:
+    """Raise ValueError naming the problem for a stack no rule can aggregate: not an n x d float32/float64 tensor
+    with n, d >= 1, a NaN or infinite entry, or f < 0."""
+    if not isinstance(updates, torch.Tensor) or updates.dim() != 2:
+        shape = tuple(updates.shape) if isinstance(updates, torch.Tensor) else type(updates).__name__
+        raise ValueError(f"{rule} needs an n x d tensor of updates, one row per client (got {shape}): stack the "
+                         "flattened updates with torch.stack")
+    if updates.shape[0] == 0 or updates.shape[1] == 0:
+        raise ValueError(f"{rule} needs at least one update of at least one coordinate (got shape "
+                         f"{tuple(updates.shape)})")
+    if updates.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{rule} needs float32 or float64 updates (got {updates.dtype}): convert with "
+                         ".float() or .double(); reduced-precision and integer stacks are not aggregated as they are")
+    if not bool(torch.isfinite(updates).all()):
+        raise ValueError(f"{rule} got a NaN or infinite entry in the updates (rows "
+                         f"{torch.nonzero(~torch.isfinite(updates).all(dim=1)).flatten().tolist()}): reject "
+                         "those updates before aggregating")
+    if isinstance(num_malicious, bool) or not isinstance(num_malicious, int) or num_malicious < 0:
+        raise ValueError(f"{rule} needs f (num_malicious) to be an integer >= 0 (got {num_malicious!r})")
 
 
 def krum_scores(dist: torch.Tensor, num_malicious: int) -> torch.Tensor:
@@ -65,74 +61,196 @@ def krum_scores(dist: torch.Tensor, num_malicious: int) -> torch.Tensor:
     to its n - f - 2 nearest other rows."""
     n = dist.shape[1]
     k = min(max(1, n - num_malicious - 2), n - 1)  # at least one neighbour, as Flower (matters inside Bulyan)
-    nearest = torch.topk(dist, k + 1, dim=1, largest=False).values  # includes the row itself
+    nearest = torch.topk(dist, k + 1, dim=1, largest=False).values  # sorted; includes the row itself
     return nearest[:, 1:].sum(dim=1)
 
 
-def _float32_bounds(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(lower, upper) float64 n x n bounds on the exact squared distances between the rows of a float32 stack, each
-    row's own entry -inf; None where the float32 route does not apply (another dtype, reduced-precision matmul, an
-    overflow), and then the caller computes exact distances.
+def direct_sq_distances(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared distances from `rows` (None: all) to every row by direct differences in float64: the brute-force
+    value, summed in the same order whatever `rows` is, so d_ij and d_ji agree bit for bit."""
+    rows = torch.arange(x.shape[0]) if rows is None else rows
+    n = x.shape[0]
+    out = torch.zeros(len(rows), n, dtype=torch.float64)
+    group = max(1, (1 << 20) // (n * _DIRECT_WIDTH))  # rows per (group, n, width) difference: about 8 MB
+    for start in range(0, x.shape[1], _DIRECT_WIDTH):
+        block = x[:, start : start + _DIRECT_WIDTH].to(torch.float64)
+        for first in range(0, len(rows), group):
+            diff = block[None, :, :] - block[rows[first : first + group], None, :]
+            out[first : first + group] += (diff * diff).sum(dim=2)
+    return out
 
-    Let y = x - mu exactly and y~ = fl(x - mu) its float32 rounding, |y~ - y| <= u |y| per entry, so the
-    difference of two rows moves by at most e = u' (|y~_i| + |y~_j|) in norm (u' = u / (1 - u)). The computed
-    D~ = G~_ii + G~_jj - 2 G~_ij is within E1 = (gamma_c + eps) s^2 of |y~_i - y~_j|^2, s = |y~_i| + |y~_j|, by
-    Cauchy-Schwarz on the per-chunk bounds (eps covers the float64 sums); and | |a~|^2 - |a|^2 | <= e (2 |a~| + e).
-    """
-    if x.dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest":
-        return None
+
+def _centre(x: torch.Tensor, num_malicious: int) -> torch.Tensor | None:
+    """The rows whose mean is a point near the benign rows: the (up to 8) rows with the best Krum scores on a sample
+    of the columns; None (centre on zero) where their mean would not shrink those rows' norms by half."""
     n, d = x.shape
-    centre = x.mean(dim=0)  # any centre gives the same distances; the mean keeps the rows, hence the bound, small
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    width = _CHUNK * _CHUNKS_PER_BLOCK
-    for start in range(0, d, width):
-        y = x[:, start : start + width] - centre[start : start + width]
-        full = y.shape[1] // _CHUNK * _CHUNK
+    if d <= _SAMPLE_WINDOWS * _SAMPLE_WIDTH:
+        sample = x.to(torch.float64)
+    else:
+        starts = torch.linspace(0, d - _SAMPLE_WIDTH, _SAMPLE_WINDOWS).long().tolist()
+        sample = torch.cat([x[:, s : s + _SAMPLE_WIDTH] for s in starts], dim=1).to(torch.float64)
+    sample = sample - sample.median(dim=0).values  # a heuristic: float64 Gram distances suffice
+    gram = sample @ sample.T
+    dist = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).fill_diagonal_(-math.inf)
+    benign = torch.argsort(krum_scores(dist, num_malicious), stable=True)[: max(1, min(8, n - 2 * num_malicious))]
+    rows = sample[benign]
+    return benign if float(((rows - rows.mean(dim=0)) ** 2).sum()) <= 0.5 * float((rows**2).sum()) else None
+
+
+def _centred(x: torch.Tensor, start: int, benign: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Columns start : start + _BLOCK of the stack in `dtype`, minus the mean of the `benign` rows over them (in the
+    stack's precision, so that every block of a stack is centred on the same representable point)."""
+    block = x[:, start : start + _BLOCK]
+    if benign is None:
+        return block.to(dtype)
+    return block.to(dtype) - block[benign].mean(dim=0).to(dtype)
+
+
+def _bounds(approx: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, gamma: float, u: float, tiny: float,
+            d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lower, upper) on the exact squared distances from `rows` to every row, given computed Gram rows `approx`
+    (rows x n) and squared norms `sq` of the centred rows, each within gamma of sum |y~_ik y~_jk|.
+
+    Let y = x - c exactly and y~ = fl(x - c), |y~ - y| <= u |y| per entry, so the difference of two rows moves by at
+    most e = u' (|y~_i| + |y~_j|) in norm (u' = u / (1 - u)). D~ = G~_ii + G~_jj - 2 G~_ij is within
+    E1 = gamma s^2 of |y~_i - y~_j|^2, s = |y~_i| + |y~_j| (Cauchy-Schwarz), and | |a~|^2 - |a|^2 | <= e (2 |a~| + e).
+    """
+    norms = (sq.clamp_min(0.0) / (1 - gamma)).sqrt()  # upper bounds on |y~_i|
+    s = norms[rows, None] + norms[None, :]
+    dist = sq[rows, None] + sq[None, :] - 2 * approx
+    e1 = gamma * s * s
+    e = u / (1 - u) * s + 2 * math.sqrt(d) * tiny
+    bound = (e1 + e * (2 * (dist.clamp_min(0.0) + e1).sqrt() + e)) * (1 + 1e-9) + 4 * d * tiny
+    return (dist - bound).clamp_min_(0.0), dist + bound
+
+
+def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None, rows: torch.Tensor | None,
+                  chunk: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(G[rows, :], squared norms of every row, gamma) of fl(x - centre) from float32 products over chunks of `chunk`
+    columns summed in float64 (rows=None: all), or None where the float32 route does not hold (reduced-precision
+    matmul, an overflow)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return None  # products may be rounded to bfloat16: gamma_c would not hold
+    n, d = x.shape
+    gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64)
+    sq = torch.zeros(n, dtype=torch.float64)
+    for start in range(0, d, _BLOCK):
+        y = _centred(x, start, benign, torch.float32)
+        full = y.shape[1] // chunk * chunk
         if full:
-            chunks = y[:, :full].view(n, -1, _CHUNK).transpose(0, 1)  # (chunks, n, c), no copy
-            gram += torch.bmm(chunks, chunks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+            chunks = y[:, :full].view(n, -1, chunk).transpose(0, 1)  # (chunks, n, c), no copy
+            left = chunks if rows is None else chunks[:, rows]
+            gram += torch.bmm(left, chunks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
         if full < y.shape[1]:
             rest = y[:, full:]
-            gram += (rest @ rest.T).double()
+            gram += ((rest if rows is None else rest[rows]) @ rest.T).double()
+        if rows is not None:
+            sq += (y * y).sum(dim=1, dtype=torch.float64)  # float32 squares (error u each), float64 sums
     if not bool(torch.isfinite(gram).all()):
         return None
-    gamma = _CHUNK * _U32 / (1 - _CHUNK * _U32)
-    sums = -(-d // _CHUNK) + -(-d // width) + 4  # float64 additions on any path, and the 3 operations of D~
-    eps = sums * _U64 / (1 - sums * _U64)
-    norms = (gram.diagonal().clamp_min(0.0) / (1 - gamma - eps)).sqrt()  # upper bounds on |y~_i|
-    s = norms[:, None] + norms[None, :]
-    approx = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
-    e1 = (gamma + eps) * s * s
-    tiny = 2.0**-126  # the absolute error of a float32 result that underflows (flushed or not)
-    e = _U32 / (1 - _U32) * s + 2 * math.sqrt(d) * tiny
-    bound = (e1 + e * (2 * (approx.clamp_min(0.0) + e1).sqrt() + e)) * (1 + 1e-9) + 4 * d * tiny
-    lower, upper = (approx - bound).clamp_min_(0.0), approx + bound
-    lower.fill_diagonal_(-math.inf)
-    upper.fill_diagonal_(-math.inf)
-    return lower, upper
+    # float64 additions on any path (the squared norms of `rows` mode add every column's square), and D~'s 3
+    sums = (d if rows is not None else -(-d // chunk)) + 4
+    gamma = chunk * _U32 / (1 - chunk * _U32) + sums * _U64 / (1 - sums * _U64)
+    return gram, gram.diagonal().clone() if rows is None else sq, gamma
+
+
+def _float64_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(Gram matrix, squared norms, gamma) of fl(x - centre) in float64, one column block at a time."""
+    n, d = x.shape
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, d, _BLOCK):
+        block = _centred(x, start, benign, torch.float64)
+        gram.addmm_(block, block.T)
+    gamma = (d + 4) * _U64 / (1 - (d + 4) * _U64)  # float64 products and sums of d terms in any order, and D~
+    return gram, gram.diagonal().clone(), gamma
+
+
+class _Intervals:
+    """Lower and upper bounds on every squared distance of a stack (own entries -inf), tightened row by row."""
+
+    def __init__(self, x: torch.Tensor, num_malicious: int, float32_first: bool = True) -> None:
+        self.x = x
+        n, d = x.shape
+        self.benign = _centre(x, num_malicious)
+        everything = torch.arange(n)
+        # per row: 0 the first float32 bounds, 1 float32 bounds from short chunks (or float64 ones), 2 exact
+        self.level = torch.zeros(n, dtype=torch.long)
+        float32 = float32_first and x.dtype == torch.float32
+        route = _float32_gram(x, self.benign, None, _CHUNK) if float32 else None
+        if route is None:
+            gram, sq, gamma = _float64_gram(x, self.benign)
+            self.lower, self.upper = _bounds(gram, sq, everything, gamma, _U64, _TINY64, d)
+            self.level[:] = 1
+        else:
+            gram, sq, gamma = route
+            self.lower, self.upper = _bounds(gram, sq, everything, gamma, _U32, _TINY32, d)
+        self._set_own()
+
+    def _set_own(self) -> None:
+        self.lower.fill_diagonal_(-math.inf)
+        self.upper.fill_diagonal_(-math.inf)
+
+    def _store(self, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, exact: bool = False) -> None:
+        """Bounds on d_ij hold for d_ji: store them in the rows and the columns, intersected with the known ones;
+        exact distances replace bounds and are never replaced."""
+        if not exact:
+            keep = (self.level == 2)[None, :]
+            lower = torch.where(keep, self.lower[rows], torch.maximum(self.lower[rows], lower))
+            upper = torch.where(keep, self.upper[rows], torch.minimum(self.upper[rows], upper))
+        self.lower[rows], self.upper[rows] = lower, upper
+        self.lower[:, rows], self.upper[:, rows] = lower.T, upper.T
+        self._set_own()
+
+    def tighten(self, rows: torch.Tensor) -> None:
+        """Move `rows` one level up: to float32 bounds from short chunks, then to exact distances."""
+        first, second = rows[self.level[rows] == 0], rows[self.level[rows] == 1]
+        route = _float32_gram(self.x, self.benign, first, _SHORT_CHUNK) if len(first) else None
+        if route is not None:
+            gram, sq, gamma = route
+            self._store(first, *_bounds(gram, sq, first, gamma, _U32, _TINY32, self.x.shape[1]))
+            self.level[first] = 1
+        elif len(first):  # squares that overflow float32: straight to the exact distances
+            second = torch.cat([second, first])
+        if len(second):
+            exact = direct_sq_distances(self.x, second)
+            self._store(second, exact, exact, exact=True)
+            self.level[second] = 2
+
+    def select(self, num_malicious: int, keep: int, alive: torch.Tensor) -> torch.Tensor:
+        """The `keep` rows of `alive` with the smallest exact Krum scores among `alive`, the first on a tie."""
+        while True:
+            low = krum_scores(self.lower[alive][:, alive], num_malicious)
+            high = krum_scores(self.upper[alive][:, alive], num_malicious)
+            # certainly among the best `keep`: fewer than `keep` other rows can score as low; certainly out: `keep`
+            # rows score strictly lower whatever the exact values are
+            certainly_in = (low[None, :] <= high[:, None]).sum(dim=1) - 1 < keep
+            certainly_out = (high[None, :] < low[:, None]).sum(dim=1) >= keep
+            open_rows = torch.nonzero(~certainly_in & ~certainly_out).flatten()
+            chosen = alive[certainly_in]
+            if len(chosen) == keep:
+                return chosen
+            loose = open_rows[self.level[alive[open_rows]] < 2]
+            if len(loose) == 0:  # every open row's score is exact: rank them, the first row on a tie
+                order = torch.argsort(low[open_rows], stable=True)[: keep - len(chosen)]
+                return torch.cat([chosen, alive[open_rows[order]]])
+            self.tighten(alive[loose])
 
 
 def krum_select(x: torch.Tensor, num_malicious: int, keep: int) -> torch.Tensor:
-    """Indices of the `keep` rows with the smallest Krum scores computed from exact float64 distances (keep=1:
-    Krum's choice, the first row on a tie). Rows whose rank the float32 bounds settle are never recomputed."""
-    bounds = _float32_bounds(x)
-    if bounds is None:
-        scores = krum_scores(_exact_rows(x), num_malicious)
-        return torch.topk(scores, keep, largest=False).indices if keep > 1 else torch.argmin(scores).reshape(1)
-    low, high = (krum_scores(b, num_malicious) for b in bounds)
-    # certainly among the best `keep`: fewer than `keep` other rows can score as low; certainly out: `keep` rows
-    # score strictly lower whatever the exact values are
-    others_as_low = (low[None, :] <= high[:, None]).sum(dim=1) - 1
-    certainly_in = others_as_low < keep
-    certainly_out = (high[None, :] < low[:, None]).sum(dim=1) >= keep
-    open_rows = torch.nonzero(~certainly_in & ~certainly_out).flatten()
-    chosen = torch.nonzero(certainly_in).flatten()
-    slots = keep - len(chosen)
-    if slots > 0:
-        exact = krum_scores(_exact_rows(x, open_rows), num_malicious)
-        if slots == 1:
-            best = torch.argmin(exact).reshape(1)  # first of equal minima, as argmin over all rows
-        else:
-            best = torch.topk(exact, slots, largest=False).indices
-        chosen = torch.cat([chosen, open_rows[best]])
-    return chosen
+    """Indices of the `keep` rows with the smallest Krum scores from exact float64 distances (keep=1: Krum's
+    choice, the first row on a tie); bounds settle every row they can, the rest is computed exactly."""
+    return _Intervals(x, num_malicious).select(num_malicious, keep, torch.arange(x.shape[0]))
+
+
+def bulyan_select(x: torch.Tensor, num_malicious: int, count: int) -> torch.Tensor:
+    """Bulyan's selection: `count` times the Krum choice among the rows not chosen yet (exact, the first on a tie).
+    Its n - 2f successive choices each need a clear winner, which float32 bounds leave open on about one stage in
+    three (a pass over the stack each): the float64 Gram matrix, one pass, settles nearly all of them at once."""
+    intervals = _Intervals(x, num_malicious, float32_first=False)
+    alive = torch.arange(x.shape[0])
+    chosen = []
+    for _ in range(count):
+        best = int(intervals.select(num_malicious, 1, alive)[0])
+        chosen.append(best)
+        alive = alive[alive != best]
+    return torch.tensor(chosen)

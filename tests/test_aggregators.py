@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
 import numpy as np
 import pytest
 import torch
 from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.optimize import minimize
 
 from strategies.aggregators import (
     AGGREGATORS,
@@ -18,13 +22,13 @@ from strategies.aggregators import (
     geomed,
     knorm,
     krum,
-    krum_scores,
     median,
     multikrum,
     norm_clip,
-    pairwise_sq_distances,
     trimmed_mean,
+    weiszfeld,
 )
+from strategies.distances import direct_sq_distances, krum_scores
 
 ONES = torch.ones
 
@@ -57,7 +61,7 @@ def test_trimmed_mean_equals_the_hand_value() -> None:
 def test_krum_picks_an_inlier_and_counts_n_minus_f_minus_2_neighbours() -> None:
     out = krum(WITH_OUTLIER, ONES(6), 1)
     assert any(torch.equal(out, row) for row in INLIERS)
-    dist = pairwise_sq_distances(WITH_OUTLIER)
+    dist = direct_sq_distances(WITH_OUTLIER)
     # n=6, f=1: 3 nearest neighbours of row 0, by hand
     x = WITH_OUTLIER.double()
     by_hand = sorted(float(((x[0] - x[j]) ** 2).sum()) for j in range(1, 6))[:3]
@@ -139,12 +143,6 @@ def test_bulyan_equals_flowers_with_krum_selection(n: int, f: int) -> None:
     np.testing.assert_allclose(bulyan(x, ONES(n), f).numpy(), theirs, atol=1e-6)
 
 
-def test_pairwise_distances_equal_the_direct_ones() -> None:
-    x = torch.randn(9, 1000, generator=torch.Generator().manual_seed(1)) + 5.0
-    direct = ((x[:, None, :].double() - x[None, :, :].double()) ** 2).sum(-1)
-    torch.testing.assert_close(pairwise_sq_distances(x), direct, rtol=1e-9, atol=1e-9)
-
-
 # -- properties ---------------------------------------------------------------------------------------------------
 RULES = {
     "mean": {}, "median": {}, "trimmed_mean": {"beta": 0.2}, "krum": {}, "multikrum": {}, "bulyan": {},
@@ -198,3 +196,191 @@ def test_bounded_output_when_f_updates_are_huge(seed: int, name: str, huge: floa
     out = AGGREGATORS[name](x, torch.ones(n, dtype=torch.float64), f, **RULES[name])
     bound = 10.0 if name != "centered_clip" else 3 * RULES[name]["tau"] + 10.0
     assert out.abs().max() < bound, (name, out)
+
+
+# -- bad input, the caller's stack, options ----------------------------------------------------------------------
+def _ok_stack() -> torch.Tensor:
+    return torch.randn(11, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+BAD = {
+    "empty": (lambda: torch.empty(0, 3), 0, "at least one update"),
+    "no coordinates": (lambda: torch.empty(11, 0), 0, "at least one update"),
+    "1-D": (lambda: torch.zeros(11), 0, "n x d tensor"),
+    "integer": (lambda: torch.zeros(11, 3, dtype=torch.int64), 0, "float32 or float64"),
+    "bfloat16": (lambda: torch.zeros(11, 3, dtype=torch.bfloat16), 0, "float32 or float64"),
+    "NaN": (lambda: _ok_stack().index_fill_(0, torch.tensor([4]), math.nan), 0, r"NaN or infinite .*\[4\]"),
+    "Inf": (lambda: _ok_stack().index_fill_(0, torch.tensor([2]), math.inf), 0, r"NaN or infinite .*\[2\]"),
+    "f < 0": (_ok_stack, -1, "integer >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_every_rule_names_bad_input_in_a_value_error(name: str, case: str) -> None:
+    make, f, message = BAD[case]
+    x = make()
+    with pytest.raises(ValueError, match=message):
+        AGGREGATORS[name](x, torch.ones(x.shape[0], dtype=torch.float64), f, **RULES[name])
+
+
+@pytest.mark.parametrize(("name", "f", "message"), [
+    ("krum", 9, "n >= f \\+ 3"), ("multikrum", 9, "n >= f \\+ 3"), ("bulyan", 3, "4f \\+ 3"), ("knorm", 12, "f \\+ 1")])
+def test_f_beyond_what_the_rule_tolerates_is_a_value_error(name: str, f: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AGGREGATORS[name](_ok_stack(), ONES(11, dtype=torch.float64), f)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_no_rule_changes_the_callers_stack(name: str, d: int) -> None:
+    x = torch.randn(11, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    x[:2] *= 1e9
+    before = x.clone()
+    AGGREGATORS[name](x, ONES(11, dtype=torch.float64), 2, **RULES[name])
+    assert torch.equal(x, before)  # median and trimmed_mean partitioned a d = 1 stack in place
+
+
+def test_trimmed_mean_can_tie_its_trim_to_f() -> None:
+    x = torch.tensor([[1.0], [2.0], [3.0], [4.0], [100.0], [-50.0], [5.0], [6.0], [7.0], [8.0]])
+    torch.testing.assert_close(trimmed_mean(x, ONES(10), 2, trim="f"), torch.tensor([4.5]))  # drops -50, 1, 8, 100
+    assert trimmed_mean(x, ONES(10), 2).tolist() == trimmed_mean(x, ONES(10), 2, beta=0.1).tolist()  # default beta
+    with pytest.raises(ValueError, match="n >= 2f \\+ 1"):
+        trimmed_mean(x, ONES(10), 5, trim="f")
+    with pytest.raises(ValueError, match="'beta' .* or 'f'"):
+        trimmed_mean(x, ONES(10), 2, trim="half")
+
+
+def test_norm_clip_names_its_median_convention() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.0, 3.0], [4.0, 0.0], [0.0, 10.0]])  # norms 1, 3, 4, 10: middle pair 3 and 4
+    lower = torch.tensor([[1.0, 0.0], [0.0, 3.0], [3.0, 0.0], [0.0, 3.0]]).mean(0)
+    middle = torch.tensor([[1.0, 0.0], [0.0, 3.0], [3.5, 0.0], [0.0, 3.5]]).mean(0)
+    torch.testing.assert_close(norm_clip(x, ONES(4), 0), lower)  # the default, as before
+    torch.testing.assert_close(norm_clip(x, ONES(4), 0, radius="median"), middle)
+    with pytest.raises(ValueError, match="radius"):
+        norm_clip(x, ONES(4), 0, radius="mean")
+
+
+def test_configuration_check_runs_the_rules_own_checks() -> None:
+    with pytest.raises(ValueError, match="n >= 2f \\+ 1"):
+        check_aggregator({"name": "trimmed_mean", "trim": "f", "beta": 0.1}, 5, 3)
+    with pytest.raises(ValueError, match="radius"):
+        check_aggregator({"name": "norm_clip", "inner": "mean", "radius": "upper"}, 5, 0)
+    with pytest.raises(ValueError, match="does not take"):
+        check_aggregator({"name": "median", "beta": 0.1}, 5, 0)
+    check_aggregator({"name": "trimmed_mean", "trim": "f", "beta": 0.1}, 7, 3)
+
+
+# -- geometric median to its optimum ------------------------------------------------------------------------------
+def _objective(x: torch.Tensor, z: torch.Tensor) -> float:
+    return float((x.double() - z.double()).norm(dim=1).mean())
+
+
+def _argmin(x: torch.Tensor) -> tuple[np.ndarray, float]:
+    """(argmin, min) of z -> sum ||z - x_i|| / n by Nelder-Mead from the coordinate-wise median, then BFGS (an
+    independent reference; the median itself where it is better, as in 1-D)."""
+    a = x.double().numpy()
+    objective = lambda z: np.linalg.norm(a - z, axis=1).mean()  # noqa: E731
+    res = minimize(objective, np.median(a, axis=0), method="Nelder-Mead",
+                   options={"xatol": 1e-12, "fatol": 1e-14, "maxiter": 20000, "maxfev": 40000})
+    res = min([res, minimize(objective, res.x, method="BFGS", options={"gtol": 1e-13})], key=lambda r: r.fun)
+    median = np.median(a, axis=0)
+    return (median, objective(median)) if objective(median) <= res.fun else (res.x, float(res.fun))
+
+
+def _optimum(x: torch.Tensor) -> float:
+    return _argmin(x)[1]
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_geomed_defaults_reach_the_optimum_with_far_outliers(d: int, caplog: pytest.LogCaptureFixture) -> None:
+    g = torch.Generator().manual_seed(d)
+    inliers = torch.randn(12, d, generator=g)
+    x = torch.cat([inliers, 1e4 + torch.randn(3, d, generator=g)]).float()  # float32, as the server stacks them
+    with caplog.at_level(logging.INFO, logger="strategies.aggregators"):
+        z = geomed(x, ONES(15), 0)
+    best, optimum = _argmin(x)
+    # the old defaults (float32 distances, a stall test) stopped 6e-6 above the optimum at d = 1, and 0.09 of the
+    # inliers' median distance away from it at d = 3
+    assert _objective(x, z) <= optimum * (1 + 1e-6)
+    spread = float((inliers.double() - torch.from_numpy(best)).norm(dim=1).median())
+    assert float((z.double() - torch.from_numpy(best)).norm()) <= 1e-3 * spread
+    assert "iterations" in caplog.text
+    _, iterations, gap = weiszfeld(x, ONES(15))
+    assert 1 <= iterations < 1000 and gap <= 1e-6
+
+
+# -- properties against brute-force float64 references -------------------------------------------------------------
+@st.composite
+def _float_stacks(draw: st.DrawFn) -> torch.Tensor:
+    """Rows with integer or continuous values, some duplicated, some scaled up to 1e12 (float64)."""
+    n, d = draw(st.integers(5, 12)), draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 10_000))
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if draw(st.booleans()):
+        x = x.mul(2).round()  # integer values: ties everywhere
+    for row, source in draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=2)):
+        x[row] = x[source]
+    for row in draw(st.lists(st.integers(0, n - 1), max_size=(n - 1) // 2)):
+        x[row] *= draw(st.sampled_from([1e4, 1e8, 1e12]))
+    return x
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_float_stacks(), f=st.integers(0, 2))
+def test_median_trimmed_mean_and_knorm_equal_brute_force_float64(x: torch.Tensor, f: int) -> None:
+    n, a = len(x), x.numpy()
+    assert torch.equal(median(x, ONES(n)), torch.from_numpy(np.median(a, axis=0)))
+    k = f if n - 2 * f >= 1 else 0
+    kept = np.sort(a, axis=0)[k : n - k]
+    np.testing.assert_allclose(trimmed_mean(x, ONES(n), f, trim="f").numpy(), kept.mean(axis=0), rtol=1e-12,
+                               atol=1e-12 * np.abs(kept).max())
+    norms = np.sqrt((a * a).sum(axis=1))
+    keep = np.argsort(norms, kind="stable")[: n - f]
+    np.testing.assert_allclose(knorm(x, ONES(n), f).numpy(), a[keep].mean(axis=0), rtol=1e-12,
+                               atol=1e-12 * np.abs(a[keep]).max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_float_stacks(), f=st.integers(0, 2))
+def test_krum_and_multikrum_equal_the_brute_force_rows(x: torch.Tensor, f: int) -> None:
+    n = len(x)
+    if n < f + 3:
+        return
+    diff = x[None, :, :] - x[:, None, :]
+    dist = (diff * diff).sum(dim=2)
+    k = min(max(1, n - f - 2), n - 1)
+    scores = torch.sort(dist, dim=1).values[:, 1 : k + 1].sum(dim=1)
+    order = torch.argsort(scores, stable=True)
+    assert torch.equal(krum(x, ONES(n), f), x[order[0]])
+    np.testing.assert_allclose(multikrum(x, ONES(n), f).numpy(), x[order[: n - f]].mean(dim=0).numpy(),
+                               rtol=1e-12, atol=1e-12 * float(x[order[: n - f]].abs().max()))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(7, 12), d=st.integers(1, 4), huge=st.sampled_from([1.0, 1e8, 1e12]))
+def test_bulyan_equals_the_brute_force_definition(seed: int, n: int, d: int, huge: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)  # continuous: no ties in the coordinate step
+    f = (n - 3) // 4
+    x[torch.randperm(n, generator=g)[:f]] *= huge
+    diff = x[None, :, :] - x[:, None, :]
+    dist, alive, chosen = (diff * diff).sum(dim=2), list(range(n)), []
+    for _ in range(n - 2 * f):
+        sub = dist[alive][:, alive]
+        k = min(max(1, len(alive) - f - 2), len(alive) - 1)
+        best = alive[int(torch.argmin(torch.sort(sub, dim=1).values[:, 1 : k + 1].sum(dim=1)))]
+        chosen.append(best)
+        alive.remove(best)
+    sel = x[chosen].numpy()
+    closest = np.argsort(np.abs(sel - np.median(sel, axis=0)), axis=0, kind="stable")[: len(chosen) - 2 * f]
+    expected = np.take_along_axis(sel, closest, axis=0).mean(axis=0)
+    np.testing.assert_allclose(bulyan(x, ONES(n), f).numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(x=_float_stacks())
+def test_geomed_is_within_its_tolerance_of_the_optimum(x: torch.Tensor) -> None:
+    z = geomed(x, ONES(len(x), dtype=torch.float64), 0)
+    optimum = _optimum(x)
+    assert _objective(x, z) <= optimum * (1 + 1e-6) + 1e-300
