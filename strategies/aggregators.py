@@ -57,7 +57,7 @@ def _by_column_blocks(x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray
     all), which it may reorder in place, to one value per column. Cache-sized blocks, in parallel, so the extra memory
     is a few blocks, never a copy of the stack; the caller's stack is never reordered."""
     a = x.detach().cpu().numpy()
-    picked = None if rows is None else rows.numpy()
+    picked = None if rows is None else rows.cpu().numpy()
     out = np.empty(a.shape[1], dtype=a.dtype)
     rows_bytes = (a.shape[0] if picked is None else len(picked)) * a.itemsize
     # at least 16 blocks, so that the blocks in flight stay small next to a small stack
@@ -71,7 +71,7 @@ def _by_column_blocks(x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray
         out[start : start + width] = reduce(np.array(cols.T, order="C"))
 
     list(_POOL.map(work, range(0, a.shape[1], width)))
-    return torch.from_numpy(out)
+    return torch.from_numpy(out).to(x.device)
 
 
 def _row_medians(block: np.ndarray) -> np.ndarray:
@@ -166,7 +166,7 @@ def multikrum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int =
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise ValueError(f"multikrum needs m to be null (n - f) or an integer >= 1 (got {m!r})")
     keep = n - num_malicious if m is None else min(m, n)
-    share = torch.zeros(n, dtype=updates.dtype)
+    share = torch.zeros(n, dtype=updates.dtype, device=updates.device)
     share[krum_select(updates, num_malicious, keep)] = 1.0 / keep
     return share @ updates  # the mean of the chosen rows without copying them out of the stack
 
@@ -192,18 +192,19 @@ def knorm(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) 
     check_stack(updates, num_malicious, "knorm")
     _needs("knorm", updates.shape[0], num_malicious)
     n = updates.shape[0]
-    norms = _distances_to(updates, torch.zeros(updates.shape[1], dtype=torch.float64))
-    share = torch.zeros(n, dtype=updates.dtype)
+    norms = _distances_to(updates, torch.zeros(updates.shape[1], dtype=torch.float64, device=updates.device))
+    share = torch.zeros(n, dtype=updates.dtype, device=updates.device)
     share[torch.argsort(norms, stable=True)[: n - num_malicious]] = 1.0 / (n - num_malicious)
     return share @ updates  # the mean of the kept rows without copying them out of the stack
 
 
 def norm_clip(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, inner: str = "mean",
-              radius: str = "lower_median", **inner_options: Any) -> torch.Tensor:
+              radius: str = "median", **inner_options: Any) -> torch.Tensor:
     """Norm clipping (Sun et al. 2019): scale every update down to at most the round's median norm, then aggregate
     the clipped updates with the registry rule `inner` (with `inner_options`). With an even number of updates the
-    median is a convention: radius="lower_median" (the default, as before: torch.median, the lower of the two middle
-    norms) or "median" (the mean of the two middle norms, as numpy)."""
+    median is a convention: radius="median" (the default: the mean of the two middle norms, as the official Ditto
+    code's `l2_clip`, np.median in litian96/ditto flearn/utils/tf_utils.py) or "lower_median" (torch.median, the
+    lower of the two middle norms, this project's rule before)."""
     check_stack(updates, num_malicious, "norm_clip")
     norms = updates.norm(dim=1)
     if radius == "lower_median":
@@ -257,7 +258,7 @@ def weiszfeld(updates: torch.Tensor, weights: torch.Tensor, *, max_iter: int = 1
 
 def _weighted_rows(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """coefficients (k x n, float64) @ x in float64, one column block at a time (no float64 copy of the stack)."""
-    out = torch.empty(coefficients.shape[0], x.shape[1], dtype=torch.float64)
+    out = torch.empty(coefficients.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[1], _GEOMED_BLOCK):
         out[:, start : start + _GEOMED_BLOCK] = coefficients @ x[:, start : start + _GEOMED_BLOCK].to(torch.float64)
     return out
@@ -265,7 +266,7 @@ def _weighted_rows(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
 
 def _distances_to(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """||x_i - z|| in float64 for every row, one column block at a time."""
-    sq = torch.zeros(x.shape[0], dtype=torch.float64)
+    sq = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[1], _GEOMED_BLOCK):
         diff = x[:, start : start + _GEOMED_BLOCK].to(torch.float64) - z[start : start + _GEOMED_BLOCK]
         sq += (diff * diff).sum(dim=1)
@@ -294,7 +295,8 @@ def centered_clip(updates: torch.Tensor, weights: torch.Tensor, num_malicious: i
     aggregate; zero at first), `iters` times v <- v + mean_i (x_i - v) min(1, tau / ||x_i - v||). tau = null uses
     the median distance of the updates to the starting point."""
     check_stack(updates, num_malicious, "centered_clip")
-    v = torch.zeros(updates.shape[1], dtype=updates.dtype) if center is None else center.to(updates.dtype)
+    v = (torch.zeros(updates.shape[1], dtype=updates.dtype, device=updates.device) if center is None
+         else center.to(updates.device, updates.dtype))
     radius = tau
     for _ in range(iters):
         diff = updates - v

@@ -68,9 +68,9 @@ def krum_scores(dist: torch.Tensor, num_malicious: int) -> torch.Tensor:
 def direct_sq_distances(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Squared distances from `rows` (None: all) to every row by direct differences in float64: the brute-force
     value, summed in the same order whatever `rows` is, so d_ij and d_ji agree bit for bit."""
-    rows = torch.arange(x.shape[0]) if rows is None else rows
+    rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
     n = x.shape[0]
-    out = torch.zeros(len(rows), n, dtype=torch.float64)
+    out = torch.zeros(len(rows), n, dtype=torch.float64, device=x.device)
     group = max(1, (1 << 20) // (n * _DIRECT_WIDTH))  # rows per (group, n, width) difference: about 8 MB
     for start in range(0, x.shape[1], _DIRECT_WIDTH):
         block = x[:, start : start + _DIRECT_WIDTH].to(torch.float64)
@@ -132,8 +132,8 @@ def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None, rows: torch.Tens
     if torch.get_float32_matmul_precision() != "highest":
         return None  # products may be rounded to bfloat16: gamma_c would not hold
     n, d = x.shape
-    gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64)
-    sq = torch.zeros(n, dtype=torch.float64)
+    gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64, device=x.device)
+    sq = torch.zeros(n, dtype=torch.float64, device=x.device)
     for start in range(0, d, _BLOCK):
         y = _centred(x, start, benign, torch.float32)
         full = y.shape[1] // chunk * chunk
@@ -157,7 +157,7 @@ def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None, rows: torch.Tens
 def _float64_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(Gram matrix, squared norms, gamma) of fl(x - centre) in float64, one column block at a time."""
     n, d = x.shape
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     for start in range(0, d, _BLOCK):
         block = _centred(x, start, benign, torch.float64)
         gram.addmm_(block, block.T)
@@ -172,9 +172,9 @@ class _Intervals:
         self.x = x
         n, d = x.shape
         self.benign = _centre(x, num_malicious)
-        everything = torch.arange(n)
+        everything = torch.arange(n, device=x.device)
         # per row: 0 the first float32 bounds, 1 float32 bounds from short chunks (or float64 ones), 2 exact
-        self.level = torch.zeros(n, dtype=torch.long)
+        self.level = torch.zeros(n, dtype=torch.long, device=x.device)
         float32 = float32_first and x.dtype == torch.float32
         route = _float32_gram(x, self.benign, None, _CHUNK) if float32 else None
         if route is None:
@@ -239,7 +239,7 @@ class _Intervals:
 def krum_select(x: torch.Tensor, num_malicious: int, keep: int) -> torch.Tensor:
     """Indices of the `keep` rows with the smallest Krum scores from exact float64 distances (keep=1: Krum's
     choice, the first row on a tie); bounds settle every row they can, the rest is computed exactly."""
-    return _Intervals(x, num_malicious).select(num_malicious, keep, torch.arange(x.shape[0]))
+    return _Intervals(x, num_malicious).select(num_malicious, keep, torch.arange(x.shape[0], device=x.device))
 
 
 def bulyan_select(x: torch.Tensor, num_malicious: int, count: int) -> torch.Tensor:
@@ -247,10 +247,10 @@ def bulyan_select(x: torch.Tensor, num_malicious: int, count: int) -> torch.Tens
     Its n - 2f successive choices each need a clear winner, which float32 bounds leave open on about one stage in
     three (a pass over the stack each): the float64 Gram matrix, one pass, settles nearly all of them at once."""
     intervals = _Intervals(x, num_malicious, float32_first=False)
-    alive = torch.arange(x.shape[0])
+    alive = torch.arange(x.shape[0], device=x.device)
     chosen = []
     for _ in range(count):
         best = int(intervals.select(num_malicious, 1, alive)[0])
         chosen.append(best)
         alive = alive[alive != best]
-    return torch.tensor(chosen)
+    return torch.tensor(chosen, device=x.device)

@@ -255,8 +255,8 @@ def test_norm_clip_names_its_median_convention() -> None:
     x = torch.tensor([[1.0, 0.0], [0.0, 3.0], [4.0, 0.0], [0.0, 10.0]])  # norms 1, 3, 4, 10: middle pair 3 and 4
     lower = torch.tensor([[1.0, 0.0], [0.0, 3.0], [3.0, 0.0], [0.0, 3.0]]).mean(0)
     middle = torch.tensor([[1.0, 0.0], [0.0, 3.0], [3.5, 0.0], [0.0, 3.5]]).mean(0)
-    torch.testing.assert_close(norm_clip(x, ONES(4), 0), lower)  # the default, as before
-    torch.testing.assert_close(norm_clip(x, ONES(4), 0, radius="median"), middle)
+    torch.testing.assert_close(norm_clip(x, ONES(4), 0), middle)  # the default: np.median, as the official l2_clip
+    torch.testing.assert_close(norm_clip(x, ONES(4), 0, radius="lower_median"), lower)
     with pytest.raises(ValueError, match="radius"):
         norm_clip(x, ONES(4), 0, radius="mean")
 
