@@ -12,7 +12,6 @@ Malicious devices are drawn once per run from the seed; test labels are never to
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from statistics import NormalDist
 
 import numpy as np

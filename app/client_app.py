@@ -34,7 +34,8 @@ LAM_GRID = {True: (0.05, 0.1, 0.2), False: (0.1, 1.0, 2.0)}
 LAM_FIXED = {True: 0.1, False: 1.0}
 
 
-DeviceTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "float | ditto.LamSearch | tuple[float, ...]"]
+Lam = "float | ditto.LamSearch | tuple[float, ...]"  # fixed, auto, or a lam list (one personal model per lam)
+DeviceTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Lam]
 _PLACED: OrderedDict[tuple[DictConfig, int, str], DeviceTensors] = OrderedDict()
 PLACED_DEVICES = 256  # devices whose tensors one process keeps on its compute device (least recently used out)
 

@@ -42,7 +42,9 @@ def _int(lo: int, hi: float = float("inf")) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def _real(lo: float, hi: float = float("inf"), *, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], bool]:
+def _real(
+    lo: float, hi: float = float("inf"), *, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[Any], bool]:
     def ok(v: Any) -> bool:
         if not isinstance(v, Real) or isinstance(v, bool):
             return False
@@ -156,7 +158,8 @@ def validate(cfg: DictConfig) -> None:
     if "corrupt_labels" in cfg.attack:
         _check(cfg, "attack.corrupt_labels", lambda v: isinstance(v, bool), "true or false")
     if "boost" in cfg.attack:
-        _check(cfg, "attack.boost", lambda v: v is None or _real(0, lo_open=True)(v), "null (= clients_per_round) or a number > 0")
+        _check(cfg, "attack.boost", lambda v: v is None or _real(0, lo_open=True)(v),
+               "null (= clients_per_round) or a number > 0")
     if "scale" in cfg.attack:
         _check(cfg, "attack.scale", _real(0, lo_open=True), "a number > 0")
     if "z" in cfg.attack:

@@ -31,8 +31,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from app.data_checks import (DataError, check_binary, check_classes, check_columns, column_values, decode_images,
-                             read_leaf, require_split_classes)
+from app.data_checks import (
+    DataError,
+    check_binary,
+    check_classes,
+    check_columns,
+    column_values,
+    decode_images,
+    read_leaf,
+    require_split_classes,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 

@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     results = json.loads(path.read_text())
-    print(f"\n{format_table(results['final'])}\n\nresults: {path.parent}  (wall time {time.perf_counter() - start:.0f} s)")
+    wall = time.perf_counter() - start
+    print(f"\n{format_table(results['final'])}\n\nresults: {path.parent}  (wall time {wall:.0f} s)")
     return 0
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from logging import INFO
 from collections.abc import Sequence
+from logging import INFO
 from pathlib import Path
 from typing import Any
 

@@ -133,7 +133,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
     f = aggregator_f(cfg)
     lams = list(cfg.method.lam) if isinstance(cfg.method.get("lam"), ListConfig) else None  # a lam-list run
     sizes = None
-    if cfg.sampling == "size":  # the devices' training counts, as each client trains on them (after lam auto's hold-out)
+    if cfg.sampling == "size":  # the devices' training counts as each client trains on them (after lam auto's hold-out)
         auto = cfg.method.get("lam") == "auto"
         sizes = [len(d.y_train) - (validation_size(len(d.y_train), float(cfg.method.val_fraction)) if auto else 0)
                  for d in federation.devices]

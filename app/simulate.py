@@ -16,8 +16,9 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 import hydra
-from flwr.simulation import run_simulation
+from flwr.client import ClientApp
 from flwr.common.logger import log
+from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
@@ -28,7 +29,6 @@ from app.config import validate
 from app.data import load_federation
 from app.engine import tune
 from app.server_app import make_server_app
-from flwr.client import ClientApp
 
 
 def sweep_size(task_overrides: list[str], sweeper_params: dict[str, str]) -> int:

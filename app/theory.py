@@ -76,7 +76,6 @@ from app.persistence import MemoryStore
 from strategies.aggregators import build_aggregator
 from strategies.robust import flatten, unflatten
 
-
 ATTACKERS = ("variance", "shift")
 
 

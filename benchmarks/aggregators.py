@@ -107,13 +107,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="n in {10, 50}, d = 1e5 only")
     parser.add_argument("--cap", type=float, default=120.0, help="seconds after which a Flower function is stopped")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's); 1 keeps the ratios steady on an oversubscribed machine, "
-                             "where every parallel region of ours (many) and of the Gram product (one) waits for a "
-                             "descheduled thread")
+                        help="torch threads (default: torch's); 1 keeps the ratios steady on an oversubscribed "
+                             "machine, where every parallel region of ours (many) and of the Gram product (one) waits "
+                             "for a descheduled thread")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    sizes = [(n, d) for d in ([10**5] if args.quick else [10**5, 10**6]) for n in ([10, 50] if args.quick else [10, 50, 100])]
+    widths, counts = ([10**5], [10, 50]) if args.quick else ([10**5, 10**6], [10, 50, 100])
+    sizes = [(n, d) for d in widths for n in counts]
     print(f"torch threads: {torch.get_num_threads()}; Flower's functions are numpy (mostly one thread)")
     print(f"{'rule':<14}{'n':>5}{'d':>9}{'ours s':>10}{'flower s':>11}{'speed-up':>10}{'ours/Gram':>11}"
           f"{'peak mem/stack':>16}")
@@ -138,7 +139,7 @@ def main() -> None:
                   f"{mem:>15.2f}x", flush=True)
         huge = stack.clone()
         huge[: max(1, n // 10)] *= 1e8
-        t_huge_gram = _best(lambda: huge @ huge.T, max(repeats, 3))
+        t_huge_gram = _best(lambda h=huge: h @ h.T, max(repeats, 3))
         for name in ("krum", "multikrum", "bulyan"):
             t_ours, mem = ours(name, huge, weights, f, repeats)
             print(f"{name + ' huge':<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{'-':>11}{'-':>10}{t_ours / t_huge_gram:>10.2f}x"

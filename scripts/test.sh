@@ -3,4 +3,5 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
+python -m ruff check --quiet app strategies tests benchmarks  # lint first: pyproject [tool.ruff]
 exec python -m pytest "$@"

@@ -37,7 +37,9 @@ def _check_weights(updates: torch.Tensor, weights: torch.Tensor, rule: str) -> N
                          f"{updates.shape[0]} updates)")
 
 
-def mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, weighted: bool = False) -> torch.Tensor:
+def mean(
+    updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, weighted: bool = False
+) -> torch.Tensor:
     """Mean of the updates; weighted by sample count (FedAvg, McMahan et al. 2017) or uniform (official Ditto code)."""
     check_stack(updates, num_malicious, "mean")
     if not weighted:
@@ -157,7 +159,9 @@ def krum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -
     return updates[int(krum_select(updates, num_malicious, 1)[0])].clone()
 
 
-def multikrum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, m: int | None = None) -> torch.Tensor:
+def multikrum(
+    updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, m: int | None = None
+) -> torch.Tensor:
     """Multi-Krum (Blanchard et al., NeurIPS 2017): the unweighted mean of the m updates with the best Krum scores
     (m = n - f when null). Runs when n >= f + 3, as Krum."""
     check_stack(updates, num_malicious, "multikrum")

@@ -52,8 +52,9 @@ def load_device_keys(path: Path, num_clients: int) -> dict[bytes, int]:
         raise ValueError(f"device_keys={path} cannot be read as JSON ({err}): write {{\"0\": \"ecdsa-sha2-nistp384 "
                          "AAAA...\", ...}, one OpenSSH public key per partition id") from None
     if not isinstance(listed, dict) or sorted(listed) != sorted(str(k) for k in range(num_clients)):
+        named = sorted(listed) if isinstance(listed, dict) else listed
         raise ValueError(f"device_keys={path} must name every partition id 0..{num_clients - 1} once "
-                         f"(num_clients={num_clients}); it names {sorted(listed) if isinstance(listed, dict) else listed}")
+                         f"(num_clients={num_clients}); it names {named}")
     from cryptography.exceptions import UnsupportedAlgorithm
 
     keys: dict[bytes, int] = {}

@@ -61,11 +61,12 @@ class RobustStrategy(Strategy):
 
     Devices are addressed by partition id, so which devices a round samples depends only on (seed, round), in
     simulation and in deployment alike: uniformly, or with `sample_sizes` (the devices' training sample counts, known
-    to the server from the config) in proportion to n_k, as the official code (strategies/sampling.py). Each node is identified once per connection (strategies/identity.py: its own
-    claim, or with `device_keys` the key the SuperLink authenticated it with); a node refused as a device is logged,
-    counted (`excluded_nodes`, the reasons in `exclusions`) and left out, and the run goes on without it. Before the
-    first round the strategy waits (`connect_timeout`) until every device is identified, and starts with fewer only
-    if at least `min_devices` (default: `clients_per_round`) are; else it stops with an error naming the missing.
+    to the server from the config) in proportion to n_k, as the official code (strategies/sampling.py). Each node
+    is identified once per connection (strategies/identity.py: its own claim, or with `device_keys` the key the
+    SuperLink authenticated it with); a node refused as a device is logged, counted (`excluded_nodes`, the reasons
+    in `exclusions`) and left out, and the run goes on without it. Before the first round the strategy waits
+    (`connect_timeout`) until every device is identified, and starts with fewer only if at least `min_devices`
+    (default: `clients_per_round`) are; else it stops with an error naming the missing.
 
     Every `eval_every` rounds and after the last round, every device evaluates. A reply counts for the device the
     request was sent to, never for what it says, and only if `check_evaluation` accepts it (with the metrics
@@ -148,7 +149,8 @@ class RobustStrategy(Strategy):
         rounds go on with the devices that are connected: a dead node's sampled slot is lost for that round, and a
         restarted device, once identified again, takes its place (without keys: the newest node claiming it)."""
         if self.connected_after is not None:  # Flower's all() re-lists the federation; its thread does so every 5 s
-            proxies = client_manager.clients if isinstance(client_manager, SimpleClientManager) else client_manager.all()
+            simple = isinstance(client_manager, SimpleClientManager)
+            proxies = client_manager.clients if simple else client_manager.all()
             return self._identify(proxies, server_round)
         client_manager.num_available()  # lets Flower register the nodes that have joined
         deadline = time.monotonic() + self.connect_timeout

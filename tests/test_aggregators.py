@@ -88,7 +88,8 @@ def test_norm_clip_clips_to_the_median_norm_then_applies_the_inner_rule() -> Non
 def test_geomed_matches_a_known_geometric_median() -> None:
     # the geometric median of the corners of a square and its centre is the centre
     x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
-    torch.testing.assert_close(geomed(x, ONES(5, dtype=torch.float64), 0), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    expected = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(geomed(x, ONES(5, dtype=torch.float64), 0), expected)
     out = geomed(WITH_OUTLIER.double(), ONES(6, dtype=torch.float64), 0, tol=1e-12, max_iter=1000)
     assert (out - INLIERS.double().mean(0)).norm() < 0.2  # one far outlier barely moves it
 

@@ -130,7 +130,8 @@ def test_failed_run_is_reported_by_status_not_exit_code(tmp_path: Path, monkeypa
     """flwr run exits 0 for a failed run: the launcher must read the status instead."""
     import app.launch as launch
 
-    stand_in = compose_config(["num_clients=3", "clients_per_round=2"])  # skips the launcher's own check: the app's check must fail the run
+    # skips the launcher's own check: the app's check must fail the run
+    stand_in = compose_config(["num_clients=3", "clients_per_round=2"])
     monkeypatch.setattr(launch, "compose_config", lambda overrides: stand_in)
     with pytest.raises(RunFailed, match="finished:failed"):
         run_flwr(["num_clients=3", "clients_per_round=9"], tmp_path / "out", flwr_home=tmp_path / "home",

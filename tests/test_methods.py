@@ -98,6 +98,7 @@ def _strategy_round(devices: list[FakeDevice], reweight) -> tuple[list[np.ndarra
                               clients_per_round=len(devices), num_rounds=1, eval_every=10, seed=0, reweight=reweight,
                               connect_timeout=5)
     from flwr.server import Server
+
     from tests.test_strategy import _manager
 
     server = Server(client_manager=_manager(devices), strategy=strategy)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from app.ditto import evaluate, sgd_step
 from app.attacks import gaussian_update, scale_update
+from app.ditto import evaluate, sgd_step
 from app.models import MODELS, build_model, get_weights, hinge, objective, predictions, set_weights
 
 

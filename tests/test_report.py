@@ -16,8 +16,8 @@ import pytest
 
 from app.launch import flower_env
 from app.report import collect, main, statistics, summary_table
-from app.summary import roles
 from app.simulate import sweep_size
+from app.summary import roles
 
 
 def _results(cfg: dict, rounds: int, final: dict) -> dict:

@@ -41,7 +41,8 @@ class FakeDevice(ClientProxy):
 
     def fit(self, ins, timeout, group_id):
         self.fitted += 1
-        return FitRes(status=OK, parameters=ndarrays_to_parameters(self.update), num_examples=10 * (self.partition_id + 1), metrics={})
+        return FitRes(status=OK, parameters=ndarrays_to_parameters(self.update),
+                      num_examples=10 * (self.partition_id + 1), metrics={})
 
     def get_parameters(self, ins, timeout, group_id):
         raise NotImplementedError

@@ -13,8 +13,17 @@ import pytest
 from app.config import compose_config
 from app.data import load_federation
 from app.theory import (
-    Setting, expected_loss, grid_argmin, lam_grid, lam_star, lam_star_variance, loss_variance, monte_carlo, mse,
-    simulate, simulated_curves,
+    Setting,
+    expected_loss,
+    grid_argmin,
+    lam_grid,
+    lam_star,
+    lam_star_variance,
+    loss_variance,
+    monte_carlo,
+    mse,
+    simulate,
+    simulated_curves,
 )
 
 CASES = [
