@@ -4,7 +4,8 @@ Runs the same ServerApp and ClientApp as `flwr run .` on Flower's Ray-backed sim
 device, and writes the results into Hydra's run directory (`hydra.run.dir=...`). In a sweep (`-m`, e.g.
 `+experiment=robustness -m`), each job logs "job i/N" and its rounds; a job that fails writes failed.json (the error
 and its overrides) and the sweep goes on: `python -m app.report SWEEP_DIR` lists it. The engine is tuned for short
-rounds and large federations (app/engine.py); `ray_address=HOST:PORT` runs it on an existing Ray cluster.
+rounds and large federations for the length of each run (app/engine.py); `ray_address=HOST:PORT` runs it on an
+existing Ray cluster.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import traceback
+from contextlib import nullcontext
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from app.client_app import make_client_fn
 from app.config import validate
 from app.data import load_federation
-from app.engine import tune
+from app.engine import tuned_engine
 from app.server_app import make_server_app
 
 
@@ -40,18 +42,19 @@ def sweep_size(task_overrides: list[str], sweeper_params: dict[str, str]) -> int
     return math.prod(len(list(o.sweep_iterator())) if o.is_sweep_override() else 1 for o in parsed)
 
 
-def simulate(cfg: DictConfig, out_dir: Path) -> dict:
-    """Run one experiment on Flower's simulation engine; returns its final metrics (results.json's `final`)."""
+def simulate(cfg: DictConfig, out_dir: Path, tuned: bool = True) -> dict:
+    """Run one experiment on Flower's simulation engine (tuned by app/engine.py unless `tuned` is false, as the
+    benchmarks compare); returns its final metrics (results.json's `final`)."""
     validate(cfg)
     load_federation(cfg.dataset, cfg.num_clients, cfg.seed)  # bad data stops here, before Ray starts (kept: cached)
-    tune()
-    run_simulation(
-        server_app=make_server_app(cfg, out_dir),
-        client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
-        num_supernodes=cfg.num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": float(cfg.client_num_gpus)},
-                        "init_args": {} if cfg.ray_address is None else {"address": str(cfg.ray_address)}},
-    )
+    with tuned_engine() if tuned else nullcontext():
+        run_simulation(
+            server_app=make_server_app(cfg, out_dir),
+            client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
+            num_supernodes=cfg.num_clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": float(cfg.client_num_gpus)},
+                            "init_args": {} if cfg.ray_address is None else {"address": str(cfg.ray_address)}},
+        )
     results = out_dir / "results.json"
     if not results.exists():  # run_simulation logs a failed ServerApp but does not raise
         raise RuntimeError(f"the simulation ended without writing {results}: see the log above for the error")
