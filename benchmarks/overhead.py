@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                      # digits, cnn_small, 100 devices, 10 per round, 50 rounds
     python benchmarks/overhead.py num_rounds=10        # any Hydra override of the experiment
+    python benchmarks/overhead.py --stock              # also on Flower's engine as it ships, in the same run
 
 The reference loop keeps every model in memory and performs exactly the simulation's SGD steps: the same sampled
 devices (strategies/sampling.py), mini-batches and label poisoning (app/ditto.py's round_generator streams), the
@@ -17,6 +18,7 @@ benchmarks/gpu.py reuses `timed_plain` and `timed_simulation` on a GPU.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -103,15 +105,15 @@ def timed_plain(cfg: DictConfig) -> tuple[float, dict]:
     return time.perf_counter() - start, plain
 
 
-def timed_simulation(cfg: DictConfig) -> dict:
-    """The simulation of `cfg`, timed: `whole`, `startup` (start-up and shutdown: Ray, Flower, the actors, until
+def timed_simulation(cfg: DictConfig, tuned: bool = True) -> dict:
+    """The simulation of `cfg` (on the engine tuned by app/engine.py, or as Flower ships it), timed: `whole`, `startup` (start-up and shutdown: Ray, Flower, the actors, until
     every device is identified, and everything after the last round), `rounds` (all rounds), `first` (round 1, the
     actors' first fit), seconds; `final`, its final metrics."""
     from app.simulate import simulate  # imported here: the reference loop runs before Flower and Ray are loaded
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        final = simulate(cfg, Path(tmp))
+        final = simulate(cfg, Path(tmp), tuned=tuned)
         whole = time.perf_counter() - start
         results = json.loads((Path(tmp) / "results.json").read_text())
     loop, connected = results["rounds"][-1]["seconds"], results["connected_after_seconds"]
@@ -119,24 +121,34 @@ def timed_simulation(cfg: DictConfig) -> dict:
             "first": results["rounds"][0]["seconds"] - connected, "final": final}
 
 
-def main(overrides: list[str]) -> None:
-    cfg = compose_config([*WORKLOAD, *overrides])
-    print(f"workload: {' '.join([*WORKLOAD, *overrides])} ({cfg.local_steps} steps, batch {cfg.batch_size})")
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stock", action="store_true",
+                        help="also run the simulation on Flower's engine as it ships (without app/engine.py)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the workload")
+    args = parser.parse_args(argv)
+    cfg = compose_config([*WORKLOAD, *args.overrides])
+    print(f"workload: {' '.join([*WORKLOAD, *args.overrides])} ({cfg.local_steps} steps, batch {cfg.batch_size})")
     t_plain, plain = timed_plain(cfg)
-    sim = timed_simulation(cfg)
-    print(f"plain PyTorch loop             {t_plain:8.1f} s")
-    print(f"simulation, whole              {sim['whole']:8.1f} s")
-    print(f"  start-up and shutdown        {sim['startup']:8.1f} s   (Ray, Flower, actors, until every device is "
-          "identified)")
-    print(f"  the {cfg.num_rounds} rounds                {sim['rounds']:8.1f} s   (of which round 1: "
-          f"{sim['first']:.1f} s, actors' first fit)")
-    print(f"ratio, rounds / plain          {sim['rounds'] / t_plain:8.2f}   (target <= 1.5)")
-    print(f"ratio, rounds 2.. / plain      {(sim['rounds'] - sim['first']) / t_plain:8.2f}   (the steady state)")
-    print(f"ratio, whole / plain           {sim['whole'] / t_plain:8.2f}")
+    runs = {"simulation, tuned engine": timed_simulation(cfg)}
+    if args.stock:
+        runs["simulation, Flower's engine"] = timed_simulation(cfg, tuned=False)
+    print(f"{'plain PyTorch loop':<36}{t_plain:8.1f} s")
+    for name, t in runs.items():
+        print(f"{name + ', whole':<36}{t['whole']:8.1f} s")
+        print(f"{'  start-up and shutdown':<36}{t['startup']:8.1f} s   (Ray, Flower, actors, every device identified)")
+        print(f"{f'  the {cfg.num_rounds} rounds':<36}{t['rounds']:8.1f} s   (of which round 1: {t['first']:.1f} s)")
+        print(f"{'  ratio, rounds / plain':<36}{t['rounds'] / t_plain:8.2f}   (target <= 1.5)")
+        print(f"{'  ratio, rounds 2.. / plain':<36}{(t['rounds'] - t['first']) / t_plain:8.2f}   (the steady state)")
+        print(f"{'  ratio, whole / plain':<36}{t['whole'] / t_plain:8.2f}")
+    if args.stock:
+        tuned, stock = runs.values()
+        print(f"{'ratio, rounds: Flower engine / tuned':<36}{stock['rounds'] / tuned['rounds']:8.2f}")
     for kind in ("global", "personal"):
-        a, b = plain[kind], sim["final"][kind]
-        print(f"{kind:<9} benign acc / std: plain {a['benign_acc']:.4f} / {a['benign_std_acc']:.4f}   "
-              f"simulation {b['benign_acc']:.4f} / {b['benign_std_acc']:.4f}")
+        a = plain[kind]
+        print(f"{kind:<9} benign acc / std: plain {a['benign_acc']:.4f} / {a['benign_std_acc']:.4f}" + "".join(
+            f"   {name} {t['final'][kind]['benign_acc']:.4f} / {t['final'][kind]['benign_std_acc']:.4f}"
+            for name, t in runs.items()))
 
 
 if __name__ == "__main__":
