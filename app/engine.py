@@ -33,7 +33,7 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import InMemoryLinkState
 from flwr.superlink.grid import InMemoryGrid
 
-CHECKED = ("1.41.0", "1.42.0")  # Flower versions read for this; their dispatcher, grid and in-memory state are identical
+CHECKED = ("1.41.0", "1.42.0")  # Flower versions read for this (their dispatcher, grid and in-memory state: identical)
 POLL = 0.005
 
 
