@@ -80,10 +80,11 @@ def check_dispatcher() -> None:
     # up when run_api runs, called as (state, queue, nodes_mapping, f_stop).
     original = getattr(vce_api, "add_messages_to_queue", None)
     if original is None or _params(original) != ["state", "queue", "nodes_mapping", "f_stop"]:
-        raise EngineMismatch("flwr...vce_api.add_messages_to_queue(state, queue, nodes_mapping, f_stop) is gone")
+        raise EngineMismatch("flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue"
+                             "(state, queue, nodes_mapping, f_stop) is gone")
     if not _reads_global(getattr(vce_api, "run_api", None), "add_messages_to_queue"):
-        raise EngineMismatch("flwr...vce_api.run_api no longer starts its dispatcher from the module global "
-                             "add_messages_to_queue")
+        raise EngineMismatch("flwr.server.superlink.fleet.vce.vce_api.run_api no longer starts its dispatcher "
+                             "from the module global add_messages_to_queue")
 
 
 def check_grid() -> None:
