@@ -106,9 +106,10 @@ def timed_plain(cfg: DictConfig) -> tuple[float, dict]:
 
 
 def timed_simulation(cfg: DictConfig, tuned: bool = True) -> dict:
-    """The simulation of `cfg` (on the engine tuned by app/engine.py, or as Flower ships it), timed: `whole`, `startup` (start-up and shutdown: Ray, Flower, the actors, until
-    every device is identified, and everything after the last round), `rounds` (all rounds), `first` (round 1, the
-    actors' first fit), seconds; `final`, its final metrics."""
+    """The simulation of `cfg` (on the engine tuned by app/engine.py, or as Flower ships it), timed: `whole`,
+    `startup` (start-up and shutdown: Ray, Flower, the actors, until every device is identified, and everything after
+    the last round), `rounds` (all rounds), `first` (round 1, the actors' first fit), seconds; `final`, its final
+    metrics."""
     from app.simulate import simulate  # imported here: the reference loop runs before Flower and Ray are loaded
 
     with tempfile.TemporaryDirectory() as tmp:
