@@ -1,5 +1,5 @@
 """GPU benchmark: Ditto's simulation against a plain PyTorch loop on the same device, and robust aggregation on the
-GPU against the CPU and Flower 1.41's functions, all measured side by side in one run.
+GPU against the CPU and Flower's functions, all measured side by side in one run.
 
     python benchmarks/gpu.py            # a GPU machine: the sizes of the issue (about 4 minutes on one GPU)
     python benchmarks/gpu.py --quick    # reduced sizes; runs anywhere (without CUDA: the CPU columns only)

@@ -2,11 +2,11 @@
 
 Without `device_keys` (simulation, loopback demos) a node is the device it says it is: the `partition_id` of its
 `get_properties` answer. With `device_keys` (a deployment with SuperNode authentication) the operator lists each
-device's public key and a node is the device whose key it holds: Flower 1.41's SuperLink binds every node id to one
-public key (the node signs every Fleet request with it, and `flwr supernode register` fixes the key's node id, so a
-restarted device comes back with its node id) and tells the ServerApp that key through `Grid.get_nodes()`. The
-node's own claim must then agree with its key. Either way a node whose answer is missing, malformed, out of range
-or (without keys) claimed by another new node too is refused, never the run.
+device's public key and a node is the device whose key it holds: Flower's SuperLink (1.41 and 1.42) binds every
+node id to one public key (the node signs every Fleet request with it, and `flwr supernode register` fixes the key's
+node id, so a restarted device comes back with its node id) and tells the ServerApp that key through
+`Grid.get_nodes()`. The node's own claim must then agree with its key. Either way a node whose answer is missing,
+malformed, out of range or (without keys) claimed by another new node too is refused, never the run.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Aggregators against their definitions, against Flower 1.41's own functions, and their properties."""
+"""Aggregators against their definitions, against Flower's own functions (1.42, unchanged since 1.41), and their
+properties."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def test_configuration_check_names_the_fix() -> None:
     check_aggregator({"name": "median"}, 2, 5)
 
 
-# -- against Flower 1.41 ----------------------------------------------------------------------------------------
+# -- against Flower's own --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [5, 8, 13])
 def test_median_and_trimmed_mean_equal_flowers(n: int) -> None:
     x = torch.randn(n, 5000, generator=torch.Generator().manual_seed(n))  # 16 column blocks, the last one partial
