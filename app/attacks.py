@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from app.ditto import Stream, round_generator, stream_seed
+
 
 @dataclass(frozen=True)
 class Attack:
@@ -65,6 +67,11 @@ def poison_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator)
     if num_classes == 2:
         return 1 - y
     return torch.randint(0, num_classes, y.shape, generator=generator, dtype=y.dtype)
+
+
+def run_poisoned_labels(y: torch.Tensor, num_classes: int, seed: int, device: int) -> torch.Tensor:
+    """A malicious device's training labels for the whole run: `poison_labels` from its label-poisoning stream."""
+    return poison_labels(y, num_classes, round_generator(seed, device, 0, Stream.LABEL_POISON))
 
 
 def gaussian_update(update: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
@@ -125,8 +132,8 @@ def corrupts_labels(attack: DictConfig) -> bool:
 
 
 def attack_rng(seed: int, device: int, server_round: int) -> np.random.Generator:
-    """The generator a malicious device's update attack draws from in a round (stream 2 of its round)."""
-    return np.random.default_rng([seed, device, server_round, 2])
+    """The generator a malicious device's update attack draws from in a round."""
+    return np.random.default_rng(stream_seed(seed, device, server_round, Stream.UPDATE_ATTACK))
 
 
 def attack_update(

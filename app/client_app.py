@@ -19,7 +19,7 @@ from flwr.common import NDArrays, Scalar
 from omegaconf import DictConfig
 
 from app import ditto
-from app.attacks import attack_rng, attack_update, attackers, corrupts_labels, poison_labels
+from app.attacks import attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels
 from app.config import config_from_overrides
 from app.data import load_federation
 from app.device import resolve_device, set_deterministic
@@ -51,7 +51,8 @@ def _hold_out_validation(cfg: DictConfig, partition_id: int, x: torch.Tensor, y:
     if cfg.method.val_split == "last":
         order = torch.arange(len(y))
     else:
-        order = torch.randperm(len(y), generator=ditto.round_generator(cfg.seed, partition_id, 0, 5))
+        split = ditto.round_generator(cfg.seed, partition_id, 0, ditto.Stream.VALIDATION_SPLIT)
+        order = torch.randperm(len(y), generator=split)
     train, val = order[: len(y) - n_val], order[len(y) - n_val :]
     return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
 
@@ -69,7 +70,7 @@ def _prepared_data(cfg: DictConfig, partition_id: int) -> DeviceTensors:
     else:
         x_train, y_train, lam = data.x_train, data.y_train, float(lam)
     if partition_id in attackers(cfg) and corrupts_labels(cfg.attack):
-        y_train = poison_labels(y_train, federation.num_classes, ditto.round_generator(cfg.seed, partition_id, 0, 1))
+        y_train = run_poisoned_labels(y_train, federation.num_classes, cfg.seed, partition_id)
     return x_train, y_train, data.x_test, data.y_test, lam
 
 
@@ -106,7 +107,7 @@ class DittoClient(NumPyClient):
                                           cfg.seed).to(self.device)
         self.x_train, self.y_train, self.x_test, self.y_test, self.lam = placed_data(cfg, partition_id, self.device)
 
-    def _generator(self, server_round: int, stream: int) -> torch.Generator:
+    def _generator(self, server_round: int, stream: ditto.Stream) -> torch.Generator:
         return ditto.round_generator(self.cfg.seed, self.partition_id, server_round, stream)
 
     def _personal_model(self, state: DeviceState | None, index: int = 0) -> torch.nn.Module:
@@ -153,7 +154,7 @@ class DittoClient(NumPyClient):
         stored = self.store.load(upto=server_round - 1) if self.method.personal is not None else None
         personal = self._personal_model(stored) if self.method.personal is not None else None
         steps = dict(steps=self.cfg.local_steps, batch_size=self.cfg.batch_size, lr=float(self.cfg.lr),
-                     loss_fn=self.objective, generator=self._generator(server_round, 0))
+                     loss_fn=self.objective, generator=self._generator(server_round, ditto.Stream.BATCHES))
         chosen: list[float] = []
         if self.method.personal == "apfl":
             apfl_round(global_model, personal, self.x_train, self.y_train, alpha=float(self.cfg.method.alpha), **steps)
@@ -197,7 +198,7 @@ class DittoClient(NumPyClient):
             set_weights(tuned, get_weights(global_model))
             ditto.local_round(tuned, None, self.x_train, self.y_train, steps=self._finetune_steps(),
                               batch_size=self.cfg.batch_size, lr=float(self.cfg.lr), lam=0.0,
-                              loss_fn=self.objective, generator=self._generator(server_round, 4))
+                              loss_fn=self.objective, generator=self._generator(server_round, ditto.Stream.FINETUNE))
             return tuned
         return self._personal_model(stored)
 

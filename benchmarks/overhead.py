@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app import ditto  # noqa: E402
-from app.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, poison_labels  # noqa: E402
+from app.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels  # noqa: E402
 from app.config import compose_config  # noqa: E402
 from app.data import load_federation  # noqa: E402
 from app.device import resolve_device  # noqa: E402
@@ -60,7 +60,7 @@ def plain_ditto(cfg: DictConfig) -> dict:
     def build() -> torch.nn.Module:
         return build_model(cfg.dataset.model, fed.input_shape, fed.num_classes, cfg.seed).to(device)
 
-    labels = [(poison_labels(d.y_train, fed.num_classes, ditto.round_generator(cfg.seed, k, 0, 1))
+    labels = [(run_poisoned_labels(d.y_train, fed.num_classes, cfg.seed, k)
                if k in malicious and corrupts_labels(cfg.attack) else d.y_train).to(device)
               for k, d in enumerate(fed.devices)]
     inputs = [d.x_train.to(device) for d in fed.devices]
@@ -75,7 +75,7 @@ def plain_ditto(cfg: DictConfig) -> dict:
             set_weights(work, weights)
             ditto.local_round(work, personal.setdefault(k, build()), inputs[k], labels[k],
                               steps=cfg.local_steps, batch_size=cfg.batch_size, lr=float(cfg.lr), lam=lam,
-                              loss_fn=loss_fn, generator=ditto.round_generator(cfg.seed, k, r, 0))
+                              loss_fn=loss_fn, generator=ditto.round_generator(cfg.seed, k, r, ditto.Stream.BATCHES))
             update = [w - w0 for w, w0 in zip(get_weights(work), weights)]
             if k in malicious:
                 update = attack_update(cfg.attack, update, attack_rng(cfg.seed, k, r), cfg.clients_per_round)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from app import ditto
+from app.attacks import attack_rng
+from app.ditto import Stream, round_generator
 from app.models import cross_entropy
 
 
@@ -103,3 +106,12 @@ def test_evaluate_counts_correct_predictions() -> None:
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
     correct, _ = ditto.evaluate(copy.deepcopy(model), x, torch.tensor([0, 0, 0]), cross_entropy)
     assert correct == 2
+
+
+def test_the_named_random_streams_keep_the_values_every_result_was_drawn_with() -> None:
+    """Renaming is free, renumbering is not: each stream's value seeds every run's draws of that purpose."""
+    assert {s.name: s.value for s in Stream} == {"BATCHES": 0, "LABEL_POISON": 1, "UPDATE_ATTACK": 2, "DROPOUT": 3,
+                                                "FINETUNE": 4, "VALIDATION_SPLIT": 5}
+    state = np.random.SeedSequence([7, 3, 5, 0]).generate_state(1)[0]
+    assert round_generator(7, 3, 5, Stream.BATCHES).initial_seed() == int(state)
+    assert attack_rng(7, 3, 5).random() == np.random.default_rng([7, 3, 5, 2]).random()
