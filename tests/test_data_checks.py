@@ -239,7 +239,7 @@ def test_simulate_stops_on_bad_data_before_ray_starts(broken_vehicle: list[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import app.simulate
 
-    monkeypatch.setattr(app.simulate, "tune", _never)
+    monkeypatch.setattr(app.simulate, "tuned_engine", _never)  # the engine is not even prepared
     monkeypatch.setattr(app.simulate, "run_simulation", _never)
     with pytest.raises(DataError, match="device 's1': x has 20 rows but y has 17 labels"):
         app.simulate.simulate(compose_config(broken_vehicle), tmp_path)

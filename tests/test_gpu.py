@@ -77,13 +77,12 @@ def test_simulate_asks_ray_for_the_configured_gpu_share(monkeypatch: pytest.Monk
         seen.update(kwargs["backend_config"]["client_resources"])
 
     monkeypatch.setattr(app.simulate, "run_simulation", fake_run_simulation)
-    monkeypatch.setattr(app.simulate, "tune", lambda: None)
     cfg = compose_config(["client_num_gpus=0.25", "ray_address=10.0.0.5:6379"])
     with pytest.raises(RuntimeError, match="without writing"):  # the fake engine writes no results
-        app.simulate.simulate(cfg, tmp_path)
+        app.simulate.simulate(cfg, tmp_path, tuned=False)
     assert seen == {"num_cpus": 1, "num_gpus": 0.25}
     with pytest.raises(RuntimeError, match="without writing"):
-        app.simulate.simulate(compose_config([]), tmp_path)
+        app.simulate.simulate(compose_config([]), tmp_path, tuned=False)
     assert seen["num_gpus"] == 0.0  # the default: today's CPU-only behaviour
 
 
