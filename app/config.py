@@ -17,11 +17,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from app.device import device_problem
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_DIR / "conf"
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key and what is allowed."""
+
+
+def dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as one level of dotted keys ({"a": {"b": 1}} -> {"a.b": 1}), as Hydra overrides name them."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from app.config import PROJECT_DIR
 from app.data_checks import (
     DataError,
     check_binary,
@@ -41,8 +42,6 @@ from app.data_checks import (
     read_leaf,
     require_split_classes,
 )
-
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 class DataUnavailable(RuntimeError):

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.config import compose_config
-from app.launch import PROJECT_DIR, flower_env, run_flwr, stop
+from app.config import PROJECT_DIR, compose_config
+from app.launch import flower_env, run_flwr, stop
 from app.results import format_table
 
 CONNECTION = "deployment"

@@ -19,17 +19,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.config import check_flwr_run, compose_config
+from app.config import PROJECT_DIR, check_flwr_run, compose_config
 from app.data import load_federation
 from app.results import format_table
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-FLOWER_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # otherwise every run does `uv sync` from the registry
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
+FLOWER_ENV_FILE = PROJECT_DIR / "scripts" / "flower.env"  # Flower's environment, one place (scripts/env.sh reads it)
+
+
+def _flower_env() -> dict[str, str]:
+    lines = (line.split("#", 1)[0].strip() for line in FLOWER_ENV_FILE.read_text().splitlines())
+    return dict(line.split("=", 1) for line in lines if line)
+
+
+FLOWER_ENV = _flower_env()
 
 
 class RunFailed(RuntimeError):

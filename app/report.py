@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from app import figures
+from app.config import dotted
 from app.results import LAM_TAG
 from app.summary import METRICS as CI_METRICS
 from app.summary import paired, per_seed, summarize
@@ -39,17 +40,6 @@ METRICS = ("benign_acc", "benign_mean_acc", "benign_std_acc", "benign_var_acc", 
 FACETS = ["attack.name", "attack.fraction"]
 GROUPS = ("dataset", "attack", "aggregator", "method")
 FIGURES = ("scatter.png", "lambda.png", "corruption.png", "per_device.png")
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def run_dirs(sweep_dir: Path) -> Iterator[Path]:
@@ -72,7 +62,7 @@ def _job_config(job: Path) -> dict[str, Any]:
     path = job / ".hydra" / "config.yaml"
     if path.exists():
         try:
-            return _flat(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+            return dotted(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
         except OmegaConfBaseException:  # an interpolation that only resolves inside the job: the overrides say enough
             pass
     return _overrides(job)
@@ -114,7 +104,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         results, failed = job / "results.json", job / "failed.json"
         if results.exists():
             r = json.loads(results.read_text())
-            config = _flat(r["config"])
+            config = dotted(r["config"])
             done = len(r.get("rounds", []))
             status = "ok" if done >= int(config.get("num_rounds", done)) else "incomplete"
             error = "" if status == "ok" else f"{done} of {config.get('num_rounds')} rounds"

@@ -19,7 +19,7 @@ from flwr.server.server import fit_clients
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from app.attacks import aggregator_f, attackers, threat_model
-from app.config import check_flwr_run, config_from_overrides
+from app.config import check_flwr_run, config_from_overrides, dotted
 from app.data import load_federation
 from app.device import resolve_device, set_deterministic
 from app.ditto import validation_size
@@ -109,13 +109,7 @@ RESUME_MAY_CHANGE = ("resume", "num_rounds")
 def check_resumable(saved: dict, current: dict) -> None:
     """Raise ValueError naming the keys whose values differ between the checkpoint's config and this one (only
     `resume` and `num_rounds`, to extend a run, may change)."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    a, b = flat(saved), flat(current)
+    a, b = dotted(saved), dotted(current)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
     if differ:
         raise ValueError("resume=true with a config that differs from the checkpoint's in: "

@@ -1,8 +1,8 @@
 """Aggregator speed and memory: ours against Flower's functions (1.42) on the same inputs, in one process.
 
-    python benchmarks/aggregators.py            # n in {10, 50, 100} x d in {1e5, 1e6}
-    python benchmarks/aggregators.py --quick    # n in {10, 50} x d = 1e5
-    python benchmarks/aggregators.py --threads 1 --cap 10   # steadier ratios on a busy machine, Flower stopped at 10 s
+    python -m benchmarks.aggregators            # n in {10, 50, 100} x d in {1e5, 1e6}
+    python -m benchmarks.aggregators --quick    # n in {10, 50} x d = 1e5
+    python -m benchmarks.aggregators --threads 1 --cap 10   # steadier ratios on a busy machine, Flower stopped at 10 s
 
 For each rule and size it prints the time of ours and of Flower's matching function (best of the repeats), their
 ratio, ours over the bare float32 Gram product `x @ x.T` of the same stack timed just before (ours/Gram: the

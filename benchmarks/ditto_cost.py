@@ -1,7 +1,7 @@
 """Ditto's own cost: time per round of method=ditto against method=global on the same workload, one process.
 
-    python benchmarks/ditto_cost.py                    # the overhead benchmark's workload (digits CNN, 100 devices)
-    python benchmarks/ditto_cost.py dataset=synthetic  # any Hydra override of that workload
+    python -m benchmarks.ditto_cost                    # the overhead benchmark's workload (digits CNN, 100 devices)
+    python -m benchmarks.ditto_cost dataset=synthetic  # any Hydra override of that workload
 
 A Ditto round runs the global step and the personal step (one more forward/backward per mini-batch, plus the
 proximal term) and loads and stores the personal model; a global round runs the global step only. Printed: the
@@ -18,12 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app.config import compose_config  # noqa: E402
-from app.simulate import simulate  # noqa: E402
-from benchmarks.overhead import WORKLOAD  # noqa: E402
-from strategies.sampling import evaluates  # noqa: E402
+from app.config import compose_config
+from app.simulate import simulate
+from benchmarks.overhead import WORKLOAD
+from strategies.sampling import evaluates
 
 
 def round_times(overrides: list[str]) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """GPU benchmark: Ditto's simulation against a plain PyTorch loop on the same device, and robust aggregation on the
 GPU against the CPU and Flower's functions, all measured side by side in one run.
 
-    python benchmarks/gpu.py            # a GPU machine: the sizes of the issue (about 4 minutes on one GPU)
-    python benchmarks/gpu.py --quick    # reduced sizes; runs anywhere (without CUDA: the CPU columns only)
+    python -m benchmarks.gpu            # a GPU machine: the sizes of the issue (about 4 minutes on one GPU)
+    python -m benchmarks.gpu --quick    # reduced sizes; runs anywhere (without CUDA: the CPU columns only)
 
 1. Ditto on the CIFAR-shaped workload (dataset=fake_images, the paper's CNN `cnn_cifar`, 100 devices, 10 per round,
    10 local steps of batch 32): the simulation's rounds against benchmarks/overhead.py's plain loop doing the same
@@ -23,16 +23,13 @@ import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app.config import compose_config  # noqa: E402
-from benchmarks.aggregators import FLOWER, _best, flower  # noqa: E402
-from benchmarks.overhead import timed_plain, timed_simulation  # noqa: E402
-from strategies.aggregators import AGGREGATORS  # noqa: E402
+from app.config import compose_config
+from benchmarks.aggregators import FLOWER, _best, flower
+from benchmarks.overhead import timed_plain, timed_simulation
+from strategies.aggregators import AGGREGATORS
 
 CUDA = torch.cuda.is_available()
 WORKLOAD = ["dataset=fake_images", "dataset.like=cifar10", "dataset.model=cnn_cifar", "num_clients=100",

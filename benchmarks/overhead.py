@@ -1,8 +1,8 @@
 """Overhead against the limit: our Flower simulation against a plain single-process PyTorch loop doing the same SGD.
 
-    python benchmarks/overhead.py                      # digits, cnn_small, 100 devices, 10 per round, 50 rounds
-    python benchmarks/overhead.py num_rounds=10        # any Hydra override of the experiment
-    python benchmarks/overhead.py --stock              # also on Flower's engine as it ships, in the same run
+    python -m benchmarks.overhead                      # digits, cnn_small, 100 devices, 10 per round, 50 rounds
+    python -m benchmarks.overhead num_rounds=10        # any Hydra override of the experiment
+    python -m benchmarks.overhead --stock              # also on Flower's engine as it ships, in the same run
 
 The reference loop keeps every model in memory and performs exactly the simulation's SGD steps: the same sampled
 devices (strategies/sampling.py), mini-batches and label poisoning (app/ditto.py's round_generator streams), the
@@ -29,18 +29,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app import ditto  # noqa: E402
-from app.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels  # noqa: E402
-from app.config import compose_config  # noqa: E402
-from app.data import load_federation  # noqa: E402
-from app.device import resolve_device  # noqa: E402
-from app.metrics import accuracy_summary  # noqa: E402
-from app.models import build_model, get_weights, objective, set_weights  # noqa: E402
-from strategies.aggregators import build_aggregator  # noqa: E402
-from strategies.robust import flatten, unflatten  # noqa: E402
-from strategies.sampling import evaluates, sample_devices  # noqa: E402
+from app import ditto
+from app.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels
+from app.config import compose_config
+from app.data import load_federation
+from app.device import resolve_device
+from app.metrics import accuracy_summary
+from app.models import build_model, get_weights, objective, set_weights
+from strategies.aggregators import build_aggregator
+from strategies.robust import flatten, unflatten
+from strategies.sampling import evaluates, sample_devices
 
 WORKLOAD = ["dataset.model=cnn_small", "dataset.partitioner=pathological", "num_clients=100", "clients_per_round=10",
             "num_rounds=50", "eval_every=25", "method=ditto"]

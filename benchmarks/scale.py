@@ -1,8 +1,8 @@
 """Scale: the same small-model Ditto experiment on federations of growing size, personal models on disk.
 
-    python benchmarks/scale.py                                   # 1,000 / 3,000 / 10,000 devices
-    python benchmarks/scale.py --devices 1000 3000 --rounds 30   # other sizes, more rounds
-    python benchmarks/scale.py -- method=global                  # Hydra overrides after --
+    python -m benchmarks.scale                                   # 1,000 / 3,000 / 10,000 devices
+    python -m benchmarks.scale --devices 1000 3000 --rounds 30   # other sizes, more rounds
+    python -m benchmarks.scale -- method=global                  # Hydra overrides after --
 
 Each size runs `python -m app.simulate` (Synthetic(1, 1), logistic regression, 10 devices per round,
 personal_state=disk, every device evaluated after the last round) in a child process, and timestamps its log lines
@@ -25,11 +25,11 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+from app.config import PROJECT_DIR
+
 GIB = 2**30
 
 

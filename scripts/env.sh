@@ -20,8 +20,7 @@ if [ ! -f "$STAMP" ]; then
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
 export FLWR_HOME="${FLWR_HOME:-$ROOT/.flwr}"
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_TELEMETRY_ENABLED=0
-export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
+set -a; source "$ROOT/scripts/flower.env"; set +a  # Flower's environment, one place (app/launch.py reads it too)
 # File-backed datasets (vehicle) read $DITTO_DATA_DIR/NAME; default: the shared data folder next to the project.
 if [ -z "${DITTO_DATA_DIR:-}" ] && [ -d "$ROOT/../shared/data" ]; then
   DITTO_DATA_DIR="$(cd "$ROOT/../shared/data" && pwd)"

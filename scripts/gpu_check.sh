@@ -53,7 +53,7 @@ fi
 
 step "CUDA tests (with CPU-vs-GPU run)" "$LOGS/cuda_tests.log" 120 python -m pytest -m cuda -q -p no:cacheprovider -s
 cuda_rc=$?
-step "benchmarks/gpu.py" "$LOGS/benchmark.log" 270 python benchmarks/gpu.py "$@"
+step "benchmarks/gpu.py" "$LOGS/benchmark.log" 270 python -m benchmarks.gpu "$@"
 bench_rc=$?
 table
 echo
