@@ -32,11 +32,11 @@ import pandas as pd
 
 from app import figures
 from app.config import dotted
+from app.metrics import SUMMARY_KEYS
 from app.results import LAM_TAG
 from app.summary import METRICS as CI_METRICS
 from app.summary import paired, per_seed, summarize
 
-METRICS = ("benign_acc", "benign_mean_acc", "benign_std_acc", "benign_var_acc", "benign_worst10_acc", "malicious_acc")
 FACETS = ["attack.name", "attack.fraction"]
 GROUPS = ("dataset", "attack", "aggregator", "method")
 FIGURES = ("scatter.png", "lambda.png", "corruption.png", "per_device.png")
@@ -114,7 +114,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 kind, _, lam = entry.partition(LAM_TAG)  # personal@lam=X: the personal models of lam X
                 row = {"run": name, "status": status, "error": error, "kind": kind, **config,
                        **({"method.lam": float(lam)} if lam else {}), "rounds_done": done,
-                       **{m: final.get(m) for m in METRICS}}
+                       **{m: final.get(m) for m in SUMMARY_KEYS}}
                 row["label"] = label(row)
                 runs.append(row)
                 devices += [{"run": name, "kind": kind, "label": row["label"], **{k: config.get(k) for k in FACETS},
