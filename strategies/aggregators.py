@@ -95,10 +95,27 @@ def _trimmed_row_means(block: np.ndarray, k: int) -> np.ndarray:
 
 
 def _row_means_closest_to_median(block: np.ndarray, beta: int) -> np.ndarray:
-    """Per row, the mean of the `beta` values closest to the row's median."""
-    med = _row_medians(block)  # reorders each row in place; the values, hence the answer, stay the same
-    closest = np.argpartition(np.abs(block - med[:, None]), beta - 1, axis=1)[:, :beta]
-    return np.take_along_axis(block, closest, axis=1).mean(axis=1, dtype=np.float64)
+    """Per row, the mean of the `beta` values closest to the row's median, the first (in column order) on a tie.
+
+    Distances to the median fall then rise along the sorted row, so the beta closest values are the window of the
+    sorted row with the smallest reach (its farther end); one sort replaces a partition and a ranking of distances.
+    Where the first and the last window of that reach hold different values (m - r and m + r tie for the last
+    place), the row is ranked by a stable sort of its distances instead, as the definition asks."""
+    ordered = np.sort(block, axis=1)
+    n = ordered.shape[1]
+    k = n // 2
+    med = ordered[:, k] if n % 2 else (ordered[:, k - 1] + ordered[:, k]) / 2
+    reach = np.maximum(np.abs(ordered[:, : n - beta + 1] - med[:, None]), np.abs(ordered[:, beta - 1 :] - med[:, None]))
+    first = reach.argmin(axis=1)
+    last = n - beta - reach[:, ::-1].argmin(axis=1)
+    rows = np.arange(len(ordered))
+    window = np.take_along_axis(ordered, first[:, None] + np.arange(beta), axis=1)
+    out = window.mean(axis=1, dtype=np.float64)
+    tied = np.nonzero((first != last) & (ordered[rows, first] != ordered[rows, last + beta - 1]))[0]
+    if len(tied):
+        closest = np.argsort(np.abs(block[tied] - med[tied, None]), axis=1, kind="stable")[:, :beta]
+        out[tied] = np.take_along_axis(block[tied], closest, axis=1).mean(axis=1, dtype=np.float64)
+    return out
 
 
 def median(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:

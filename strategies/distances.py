@@ -8,8 +8,9 @@ it, in three levels:
    in float64 (batched GEMMs, about the cost of one plain GEMM), with a proved error bound. A float32 dot product of
    c terms, summed in any order, is within gamma_c = c u / (1 - c u) of sum |a_k b_k| (u = 2^-24; Higham, "Accuracy
    and Stability of Numerical Algorithms", sec. 3.1), so gamma_c rather than gamma_d bounds every distance.
-2. rows left open: their Gram rows again from chunks of `_SHORT_CHUNK` columns (16x tighter). float64 stacks (and
-   float32 ones whose squares overflow) start here instead with a float64 Gram matrix (gamma_d with u = 2^-53).
+2. rows left open: their Gram rows in float64 against every row (gamma_d with u = 2^-53), all of them in one pass
+   over the stack, a GEMM bound by memory rather than arithmetic. float64 stacks (and float32 ones whose squares
+   overflow) start here instead with a float64 Gram matrix.
 3. rows still open (exact ties, clusters of huge rows): direct differences sum_k (x_ik - x_jk)^2 in float64, the
    brute-force value, summed in a fixed order.
 
@@ -27,7 +28,6 @@ import math
 import torch
 
 _CHUNK = 256  # float32 products are summed over at most this many terms before float64 takes over
-_SHORT_CHUNK = 16  # the same for the rows the first bounds leave open: 16x tighter, on a few rows only
 _BLOCK = 16384  # columns per block: fewer, larger batched products (a block is centred in one pass)
 _DIRECT_WIDTH = 2048  # columns per block of direct differences: fixed, so that every call sums in the same order
 _SAMPLE_WINDOWS, _SAMPLE_WIDTH = 16, 128  # columns that choose the centre: 16 windows of 128, spread over the stack
@@ -48,7 +48,8 @@ def check_stack(updates: torch.Tensor, num_malicious: int, rule: str) -> None:
     if updates.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{rule} needs float32 or float64 updates (got {updates.dtype}): convert with "
                          ".float() or .double(); reduced-precision and integer stacks are not aggregated as they are")
-    if not bool(torch.isfinite(updates).all()):
+    low, high = torch.aminmax(updates)  # NaN propagates; one pass, 30x cheaper than isfinite(updates).all()
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         raise ValueError(f"{rule} got a NaN or infinite entry in the updates (rows "
                          f"{torch.nonzero(~torch.isfinite(updates).all(dim=1)).flatten().tolist()}): reject "
                          "those updates before aggregating")
@@ -97,13 +98,21 @@ def _centre(x: torch.Tensor, num_malicious: int) -> torch.Tensor | None:
     return benign if float(((rows - rows.mean(dim=0)) ** 2).sum()) <= 0.5 * float((rows**2).sum()) else None
 
 
-def _centred(x: torch.Tensor, start: int, benign: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _centred(x: torch.Tensor, start: int, benign: torch.Tensor | None, dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """Columns start : start + _BLOCK of the stack in `dtype`, minus the mean of the `benign` rows over them (in the
-    stack's precision, so that every block of a stack is centred on the same representable point)."""
+    stack's precision, so that every block of a stack is centred on the same representable point). `out` (n x
+    _BLOCK of `dtype`) is reused for a copy rather than a fresh allocation per block (page faults on every block)."""
     block = x[:, start : start + _BLOCK]
-    if benign is None:
+    if out is not None:
+        y = out[:, : block.shape[1]].copy_(block)
+    elif benign is None:
         return block.to(dtype)
-    return block.to(dtype) - block[benign].mean(dim=0).to(dtype)
+    else:
+        y = block.to(dtype, copy=True)
+    if benign is not None:
+        y -= block[benign].mean(dim=0).to(dtype)
+    return y
 
 
 def _bounds(approx: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, gamma: float, u: float, tiny: float,
@@ -124,45 +133,44 @@ def _bounds(approx: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, gamma: f
     return (dist - bound).clamp_min_(0.0), dist + bound
 
 
-def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None, rows: torch.Tensor | None,
-                  chunk: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """(G[rows, :], squared norms of every row, gamma) of fl(x - centre) from float32 products over chunks of `chunk`
-    columns summed in float64 (rows=None: all), or None where the float32 route does not hold (reduced-precision
-    matmul, an overflow)."""
+def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(Gram matrix, squared norms, gamma) of fl(x - centre) from float32 products over chunks of `_CHUNK` columns
+    summed in float64, or None where the float32 route does not hold (reduced-precision matmul, an overflow)."""
     if torch.get_float32_matmul_precision() != "highest":
         return None  # products may be rounded to bfloat16: gamma_c would not hold
     n, d = x.shape
-    gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64, device=x.device)
-    sq = torch.zeros(n, dtype=torch.float64, device=x.device)
-    for start in range(0, d, _BLOCK):
-        y = _centred(x, start, benign, torch.float32)
-        full = y.shape[1] // chunk * chunk
-        if full:
-            chunks = y[:, :full].view(n, -1, chunk).transpose(0, 1)  # (chunks, n, c), no copy
-            left = chunks if rows is None else chunks[:, rows]
-            gram += torch.bmm(left, chunks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
-        if full < y.shape[1]:
-            rest = y[:, full:]
-            gram += ((rest if rows is None else rest[rows]) @ rest.T).double()
-        if rows is not None:
-            sq += (y * y).sum(dim=1, dtype=torch.float64)  # float32 squares (error u each), float64 sums
-    if not bool(torch.isfinite(gram).all()):
-        return None
-    # float64 additions on any path (the squared norms of `rows` mode add every column's square), and D~'s 3
-    sums = (d if rows is not None else -(-d // chunk)) + 4
-    gamma = chunk * _U32 / (1 - chunk * _U32) + sums * _U64 / (1 - sums * _U64)
-    return gram, gram.diagonal().clone() if rows is None else sq, gamma
-
-
-def _float64_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(Gram matrix, squared norms, gamma) of fl(x - centre) in float64, one column block at a time."""
-    n, d = x.shape
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     for start in range(0, d, _BLOCK):
-        block = _centred(x, start, benign, torch.float64)
-        gram.addmm_(block, block.T)
-    gamma = (d + 4) * _U64 / (1 - (d + 4) * _U64)  # float64 products and sums of d terms in any order, and D~
+        y = _centred(x, start, benign, torch.float32)
+        full = y.shape[1] // _CHUNK * _CHUNK
+        if full:
+            chunks = y[:, :full].view(n, -1, _CHUNK).transpose(0, 1)  # (chunks, n, c), no copy
+            gram += torch.bmm(chunks, chunks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+        if full < y.shape[1]:
+            rest = y[:, full:]
+            gram += (rest @ rest.T).double()
+    if not bool(torch.isfinite(gram).all()):
+        return None
+    sums = -(-d // _CHUNK) + 4  # float64 additions of the chunks' products, and D~'s 3
+    gamma = _CHUNK * _U32 / (1 - _CHUNK * _U32) + sums * _U64 / (1 - sums * _U64)
     return gram, gram.diagonal().clone(), gamma
+
+
+def _float64_gram(x: torch.Tensor, benign: torch.Tensor | None,
+                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(G[rows, :], squared norms of every row, gamma) of fl(x - centre) in float64 (rows=None: all), one column
+    block at a time. For a few rows this is one pass over the stack at a memory-bound GEMM's cost."""
+    n, d = x.shape
+    gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64, device=x.device)
+    sq = torch.zeros(n, dtype=torch.float64, device=x.device)
+    buffer = torch.empty(n, min(d, _BLOCK), dtype=torch.float64, device=x.device)
+    for start in range(0, d, _BLOCK):
+        block = _centred(x, start, benign, torch.float64, buffer)
+        gram.addmm_(block if rows is None else block[rows], block.T)
+        if rows is not None:
+            sq += (block * block).sum(dim=1)
+    gamma = (d + 4) * _U64 / (1 - (d + 4) * _U64)  # float64 products and sums of d terms in any order, and D~
+    return gram, gram.diagonal().clone() if rows is None else sq, gamma
 
 
 class _Intervals:
@@ -176,7 +184,7 @@ class _Intervals:
         # per row: 0 the first float32 bounds, 1 float32 bounds from short chunks (or float64 ones), 2 exact
         self.level = torch.zeros(n, dtype=torch.long, device=x.device)
         float32 = float32_first and x.dtype == torch.float32
-        route = _float32_gram(x, self.benign, None, _CHUNK) if float32 else None
+        route = _float32_gram(x, self.benign) if float32 else None
         if route is None:
             gram, sq, gamma = _float64_gram(x, self.benign)
             self.lower, self.upper = _bounds(gram, sq, everything, gamma, _U64, _TINY64, d)
@@ -202,15 +210,13 @@ class _Intervals:
         self._set_own()
 
     def tighten(self, rows: torch.Tensor) -> None:
-        """Move `rows` one level up: to float32 bounds from short chunks, then to exact distances."""
+        """Move `rows` one level up: to float64 Gram rows (one pass over the stack for all of them), then to exact
+        distances."""
         first, second = rows[self.level[rows] == 0], rows[self.level[rows] == 1]
-        route = _float32_gram(self.x, self.benign, first, _SHORT_CHUNK) if len(first) else None
-        if route is not None:
-            gram, sq, gamma = route
-            self._store(first, *_bounds(gram, sq, first, gamma, _U32, _TINY32, self.x.shape[1]))
+        if len(first):
+            gram, sq, gamma = _float64_gram(self.x, self.benign, first)
+            self._store(first, *_bounds(gram, sq, first, gamma, _U64, _TINY64, self.x.shape[1]))
             self.level[first] = 1
-        elif len(first):  # squares that overflow float32: straight to the exact distances
-            second = torch.cat([second, first])
         if len(second):
             exact = direct_sq_distances(self.x, second)
             self._store(second, exact, exact, exact=True)

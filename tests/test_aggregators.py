@@ -16,6 +16,7 @@ from scipy.optimize import minimize
 
 from strategies.aggregators import (
     AGGREGATORS,
+    _row_means_closest_to_median,
     build_aggregator,
     bulyan,
     centered_clip,
@@ -378,6 +379,22 @@ def test_bulyan_equals_the_brute_force_definition(seed: int, n: int, d: int, hug
     closest = np.argsort(np.abs(sel - np.median(sel, axis=0)), axis=0, kind="stable")[: len(chosen) - 2 * f]
     expected = np.take_along_axis(sel, closest, axis=0).mean(axis=0)
     np.testing.assert_allclose(bulyan(x, ONES(n), f).numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), theta=st.integers(1, 30), data=st.data(), spread=st.sampled_from([1, 2, 5, 1000]))
+def test_bulyans_coordinate_step_breaks_distance_ties_by_row_order(seed: int, theta: int, data: st.DataObject,
+                                                                   spread: int) -> None:
+    """The window of the sorted values equals the stable ranking of distances to the median, also where integer
+    values tie at m - r and m + r for the last place (the row order decides which one counts)."""
+    beta = data.draw(st.integers(1, theta))
+    block = np.random.default_rng(seed).integers(-spread, spread + 1, size=(300, theta)).astype(np.float32)
+    med = np.median(block, axis=1).astype(np.float32)
+    closest = np.argsort(np.abs(block - med[:, None]), axis=1, kind="stable")[:, :beta]
+    expected = np.take_along_axis(block, closest, axis=1).mean(axis=1, dtype=np.float64)
+    original = block.copy()
+    np.testing.assert_array_equal(_row_means_closest_to_median(block, beta), expected)
+    np.testing.assert_array_equal(block, original)
 
 
 @settings(max_examples=20, deadline=None)

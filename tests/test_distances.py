@@ -138,11 +138,11 @@ def test_bounds_contain_the_exact_distances_and_settle_clear_cases(monkeypatch: 
 
 def test_float32_route_stands_down_where_its_bound_does_not_hold() -> None:
     x = torch.randn(10, 400, generator=torch.Generator().manual_seed(2))
-    assert distances._float32_gram(x * 1e20, None, None, 256) is None  # squared norms overflow float32
+    assert distances._float32_gram(x * 1e20, None) is None  # squared norms overflow float32
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")  # may use bfloat16 products: gamma_c would not hold
-        assert distances._float32_gram(x, None, None, 256) is None
+        assert distances._float32_gram(x, None) is None
         assert sorted(krum_select(x, 2, 6).tolist()) == sorted(_brute_select(x, 2, 6))
     finally:
         torch.set_float32_matmul_precision(previous)
