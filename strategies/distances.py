@@ -164,11 +164,12 @@ def _float64_gram(x: torch.Tensor, benign: torch.Tensor | None,
     gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64, device=x.device)
     sq = torch.zeros(n, dtype=torch.float64, device=x.device)
     buffer = torch.empty(n, min(d, _BLOCK), dtype=torch.float64, device=x.device)
+    squares = torch.empty_like(buffer) if rows is not None else None
     for start in range(0, d, _BLOCK):
         block = _centred(x, start, benign, torch.float64, buffer)
         gram.addmm_(block if rows is None else block[rows], block.T)
-        if rows is not None:
-            sq += (block * block).sum(dim=1)
+        if squares is not None:
+            sq += torch.mul(block, block, out=squares[:, : block.shape[1]]).sum(dim=1)
     gamma = (d + 4) * _U64 / (1 - (d + 4) * _U64)  # float64 products and sums of d terms in any order, and D~
     return gram, gram.diagonal().clone() if rows is None else sq, gamma
 
