@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from logging import INFO
 from pathlib import Path
@@ -25,6 +26,7 @@ from app.ditto import validation_size
 from app.methods import METHODS
 from app.models import build_model, get_weights
 from app.persistence import Checkpoint, load_checkpoint, save_checkpoint
+from app.progress import Progress, show_flower
 from app.results import RunRecorder, required_metrics
 from strategies import RobustStrategy, build_aggregator
 from strategies.fair import build_reweight
@@ -35,7 +37,7 @@ class ResultsServer(Server):
     """Flower's round loop (`Server.fit`: fit, then federated evaluation, each round), with this run's additions at
     the seams it offers: `resume` restores the checkpoint of the run's folder, hands its global model to the loop
     as the strategy's initial parameters and skips the rounds it already holds; a checkpoint (every
-    `checkpoint_every` rounds and after the last) follows each round's federated evaluation,
+    `checkpoint_every` rounds and after the last) and the progress line follow each round's federated evaluation,
     the last step of Flower's round; the run's results are written when the loop returns. tests/test_flower_seams.py
     checks these assumptions about Flower's loop."""
 
@@ -45,6 +47,7 @@ class ResultsServer(Server):
         self.cfg = cfg
         self.resumed = 0  # the round of the checkpoint this run continues from (0: a fresh run)
         self.num_rounds = int(cfg.num_rounds)
+        self.progress: Progress | None = None
 
     def _checkpoint(self, server_round: int) -> None:
         previous = getattr(self.strategy.aggregate, "previous", None)
@@ -73,7 +76,11 @@ class ResultsServer(Server):
     def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
         self.resumed = self._resume() if self.cfg.resume else 0
         self.num_rounds = num_rounds
-        history, elapsed = super().fit(num_rounds, timeout)
+        self.progress = Progress(self.resumed + 1, num_rounds, in_place=sys.stdout.isatty() and not self.cfg.verbose)
+        try:
+            history, elapsed = super().fit(num_rounds, timeout)
+        finally:
+            self.progress.close()
         self.recorder.write(self.strategy.rounds, self.strategy.connected_after)
         return history, elapsed
 
@@ -94,22 +101,23 @@ class ResultsServer(Server):
         return parameters, metrics, (results, failures)
 
     def evaluate_round(self, server_round: int, timeout: float | None):  # -> (loss, metrics, (results, failures))
-        """Flower's federated evaluation, then the round's checkpoint (when due)."""
+        """Flower's federated evaluation, then the round's checkpoint (when due) and progress line."""
         if server_round <= self.resumed:
             return None
         res = super().evaluate_round(server_round, timeout)
         every = int(self.cfg.checkpoint_every)
         if every > 0 and (server_round % every == 0 or server_round == self.num_rounds):
             self._checkpoint(server_round)
+        self.progress.update(server_round, self.recorder.final)
         return res
 
 
-RESUME_MAY_CHANGE = ("resume", "num_rounds")
+RESUME_MAY_CHANGE = ("resume", "num_rounds", "verbose")
 
 
 def check_resumable(saved: dict, current: dict) -> None:
     """Raise ValueError naming the keys whose values differ between the checkpoint's config and this one (only
-    `resume` and `num_rounds`, to extend a run, may change)."""
+    `resume`, `num_rounds` (to extend a run) and `verbose` may change)."""
     a, b = dotted(saved), dotted(current)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
     if differ:
@@ -166,6 +174,7 @@ def _server_fn(context: Context) -> ServerAppComponents:
     """flwr run: the run config's `overrides` select the Hydra config; `output-dir` says where results go."""
     cfg = config_from_overrides(str(context.run_config.get("overrides", "")))
     check_flwr_run(cfg)
+    show_flower(bool(cfg.verbose))  # this process is the ServerApp's, for this run alone
     out = str(context.run_config.get("output-dir", "")).strip()
     out_dir = Path(out) if out else Path.home() / "ditto-runs" / time.strftime("%Y%m%d-%H%M%S")
     return build_components(cfg, out_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import io
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from flwr.server import Server, SimpleClientManager
 from omegaconf import OmegaConf
 
 from app.persistence import Checkpoint, save_checkpoint
+from app.progress import Progress
 from app.server_app import ResultsServer
 
 # Flower 1.41.0's Server.fit_round (flwr/server/server.py lines 205-249), docstring and log calls left out.
@@ -64,7 +66,7 @@ def test_flowers_loop_starts_from_the_strategys_parameters_and_ends_each_round_w
 
 
 def test_a_resumed_run_goes_through_flowers_loop_from_the_checkpoints_model_and_round(tmp_path: Path) -> None:
-    cfg = OmegaConf.create({"resume": True, "num_rounds": 4, "checkpoint_every": 0})
+    cfg = OmegaConf.create({"resume": True, "num_rounds": 4, "checkpoint_every": 0, "verbose": False})
     save_checkpoint(tmp_path, Checkpoint(round=2, parameters=[np.full(2, 7.0)], meta={
         "config": OmegaConf.to_container(cfg), "rounds": [{"round": 1}, {"round": 2}], "final": {}, "clients": []}))
     seen: list = []
@@ -83,3 +85,20 @@ def test_a_resumed_run_goes_through_flowers_loop_from_the_checkpoints_model_and_
     assert seen == [("fit", 3, [7.0, 7.0]), ("evaluate", 3), ("fit", 4, [7.0, 7.0]), ("evaluate", 4)]
     assert written == [[{"round": 1}, {"round": 2}]]
 
+
+def test_progress_rewrites_one_line_on_a_terminal_and_prints_plain_lines_elsewhere() -> None:
+    final = {"global": {"benign_acc": 0.5}, "personal": {"benign_acc": 0.75}, "personal@lam=0.1": None}
+    tty = io.StringIO()
+    live = Progress(1, 3, in_place=True, stream=tty)
+    for done in (1, 2, 3):
+        live.update(done, final if done == 3 else {})
+    live.close()
+    assert tty.getvalue().count("\r") == 3 and tty.getvalue().endswith("global 0.500  personal 0.750\x1b[K\n")
+    log = io.StringIO()
+    plain = Progress(11, 40, in_place=False, stream=log)
+    for done in range(11, 41):
+        plain.update(done, final)
+    plain.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("round 11/40  0:00 elapsed  ETA ") and "\r" not in log.getvalue()
+    assert lines[1].startswith("round 40/40") and "ETA 0:00  global 0.500  personal 0.750" in lines[1]
