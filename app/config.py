@@ -124,6 +124,7 @@ def validate(cfg: DictConfig) -> None:
     device_error = device_problem(OmegaConf.select(cfg, "device", default=None))
     _check(cfg, "device", lambda v: device_error is None, device_error or "")
     _check(cfg, "deterministic", lambda v: isinstance(v, bool), "true or false")
+    _check(cfg, "verbose", lambda v: isinstance(v, bool), "true or false")
 
     _choice(cfg, "dataset.name", DATASETS, "dataset")
     _choice(cfg, "dataset.model", MODELS)

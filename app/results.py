@@ -1,5 +1,5 @@
 """What a run leaves behind: results.json (config, per-round and final metrics, per-device rows), clients.csv and
-a PNG of per-device accuracy, plus the closing table printed at the end of the main job."""
+a PNG of per-device accuracy, and the closing table that the entry points print after a run (format_table)."""
 
 from __future__ import annotations
 
@@ -102,8 +102,6 @@ class RunRecorder:
         os.replace(tmp, path)
         _write_csv(self.clients, self.out_dir / "clients.csv")
         _plot_clients(self.clients, self.out_dir / "per_device_accuracy.png")
-        for line in format_table(self.final).splitlines():
-            log(INFO, "%s", line)
         log(INFO, "results written to %s", self.out_dir)
         return path
 

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+import sys
 import time
-import timeit
 from logging import INFO
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from app.ditto import validation_size
 from app.methods import METHODS
 from app.models import build_model, get_weights
 from app.persistence import Checkpoint, load_checkpoint, save_checkpoint
+from app.progress import Progress, show_flower
 from app.results import RunRecorder, required_metrics
 from strategies import RobustStrategy, build_aggregator
 from strategies.fair import build_reweight
@@ -33,14 +34,20 @@ from strategies.identity import load_device_keys
 
 
 class ResultsServer(Server):
-    """Flower's round loop (fit, then federated evaluation, each round), checkpointing every `checkpoint_every`
-    rounds and after the last, resuming from the checkpoint in the run's folder when `resume`, and writing the
-    run's results at the end."""
+    """Flower's round loop (`Server.fit`: fit, then federated evaluation, each round), with this run's additions at
+    the seams it offers: `resume` restores the checkpoint of the run's folder, hands its global model to the loop
+    as the strategy's initial parameters and skips the rounds it already holds; a checkpoint (every
+    `checkpoint_every` rounds and after the last) and the progress line follow each round's federated evaluation,
+    the last step of Flower's round; the run's results are written when the loop returns. tests/test_flower_seams.py
+    checks these assumptions about Flower's loop."""
 
     def __init__(self, strategy: RobustStrategy, recorder: RunRecorder, cfg: DictConfig) -> None:
         super().__init__(client_manager=SimpleClientManager(), strategy=strategy)
         self.recorder = recorder
         self.cfg = cfg
+        self.resumed = 0  # the round of the checkpoint this run continues from (0: a fresh run)
+        self.num_rounds = int(cfg.num_rounds)
+        self.progress: Progress | None = None
 
     def _checkpoint(self, server_round: int) -> None:
         previous = getattr(self.strategy.aggregate, "previous", None)
@@ -53,22 +60,37 @@ class ResultsServer(Server):
         ))
 
     def _resume(self) -> int:
-        """Restore the checkpoint of the run's folder; returns its round."""
+        """Restore the checkpoint of the run's folder (its global model becomes the strategy's initial parameters,
+        which Flower's loop starts from); returns its round."""
         ckpt = load_checkpoint(self.recorder.out_dir)
         check_resumable(ckpt.meta["config"], OmegaConf.to_container(self.cfg, resolve=True))
-        self.parameters = ndarrays_to_parameters(ckpt.parameters)
+        self.strategy.initial_parameters = ndarrays_to_parameters(ckpt.parameters)
         self.strategy.rounds = ckpt.meta["rounds"]
         self.recorder.final, self.recorder.clients = ckpt.meta["final"], ckpt.meta["clients"]
         if ckpt.aggregator_state is not None:
             previous = torch.from_numpy(np.array(ckpt.aggregator_state))
             self.strategy.aggregate.previous = previous.to(self.strategy.device)
-        self.strategy.initialize_parameters(self._client_manager)  # restarts the strategy's clock
         log(INFO, "resumed from the checkpoint of round %d in %s", ckpt.round, self.recorder.out_dir)
         return ckpt.round
 
+    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
+        self.resumed = self._resume() if self.cfg.resume else 0
+        self.num_rounds = num_rounds
+        self.progress = Progress(self.resumed + 1, num_rounds, in_place=sys.stdout.isatty() and not self.cfg.verbose)
+        try:
+            history, elapsed = super().fit(num_rounds, timeout)
+        finally:
+            self.progress.close()
+        self.recorder.write(self.strategy.rounds, self.strategy.connected_after)
+        return history, elapsed
+
     def fit_round(self, server_round: int, timeout: float | None):  # -> (parameters, metrics, (results, failures))
-        """Flower's fit round without its log line, whose count of available nodes re-lists the whole federation
-        every round (the strategy logs the round itself)."""
+        """Flower's `Server.fit_round` (flwr/server/server.py, 1.41.0 lines 205-249) without its log lines, whose
+        count of available nodes (`num_available()`) re-lists the whole federation through the grid every round
+        (the strategy logs the round itself); a round the resumed checkpoint holds is skipped. A copy:
+        tests/test_flower_seams.py fails when Flower's original changes."""
+        if server_round <= self.resumed:
+            return None
         instructions = self.strategy.configure_fit(server_round=server_round, parameters=self.parameters,
                                                    client_manager=self._client_manager)
         if not instructions:
@@ -78,37 +100,24 @@ class ResultsServer(Server):
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         return parameters, metrics, (results, failures)
 
-    def fit(self, num_rounds: int, timeout: float | None) -> tuple[History, float]:
-        history = History()
-        if self.cfg.resume:
-            first = self._resume() + 1
-        else:
-            self.parameters = self._get_initial_parameters(server_round=0, timeout=timeout)
-            first = 1
-        start = timeit.default_timer()
+    def evaluate_round(self, server_round: int, timeout: float | None):  # -> (loss, metrics, (results, failures))
+        """Flower's federated evaluation, then the round's checkpoint (when due) and progress line."""
+        if server_round <= self.resumed:
+            return None
+        res = super().evaluate_round(server_round, timeout)
         every = int(self.cfg.checkpoint_every)
-        for server_round in range(first, num_rounds + 1):
-            res_fit = self.fit_round(server_round=server_round, timeout=timeout)
-            if res_fit is not None:
-                parameters, fit_metrics, _ = res_fit
-                self.parameters = parameters or self.parameters
-                history.add_metrics_distributed_fit(server_round=server_round, metrics=fit_metrics)
-            res_fed = self.evaluate_round(server_round=server_round, timeout=timeout)
-            if res_fed is not None and res_fed[0] is not None:
-                history.add_loss_distributed(server_round=server_round, loss=res_fed[0])
-                history.add_metrics_distributed(server_round=server_round, metrics=res_fed[1])
-            if every > 0 and (server_round % every == 0 or server_round == num_rounds):
-                self._checkpoint(server_round)
-        self.recorder.write(self.strategy.rounds, self.strategy.connected_after)
-        return history, timeit.default_timer() - start
+        if every > 0 and (server_round % every == 0 or server_round == self.num_rounds):
+            self._checkpoint(server_round)
+        self.progress.update(server_round, self.recorder.final)
+        return res
 
 
-RESUME_MAY_CHANGE = ("resume", "num_rounds")
+RESUME_MAY_CHANGE = ("resume", "num_rounds", "verbose")
 
 
 def check_resumable(saved: dict, current: dict) -> None:
     """Raise ValueError naming the keys whose values differ between the checkpoint's config and this one (only
-    `resume` and `num_rounds`, to extend a run, may change)."""
+    `resume`, `num_rounds` (to extend a run) and `verbose` may change)."""
     a, b = dotted(saved), dotted(current)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
     if differ:
@@ -165,6 +174,7 @@ def _server_fn(context: Context) -> ServerAppComponents:
     """flwr run: the run config's `overrides` select the Hydra config; `output-dir` says where results go."""
     cfg = config_from_overrides(str(context.run_config.get("overrides", "")))
     check_flwr_run(cfg)
+    show_flower(bool(cfg.verbose))  # this process is the ServerApp's, for this run alone
     out = str(context.run_config.get("output-dir", "")).strip()
     out_dir = Path(out) if out else Path.home() / "ditto-runs" / time.strftime("%Y%m%d-%H%M%S")
     return build_components(cfg, out_dir)

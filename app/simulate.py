@@ -2,10 +2,12 @@
 
 Runs the same ServerApp and ClientApp as `flwr run .` on Flower's Ray-backed simulation engine, one SuperNode per
 device, and writes the results into Hydra's run directory (`hydra.run.dir=...`). In a sweep (`-m`, e.g.
-`+experiment=robustness -m`), each job logs "job i/N" and its rounds; a job that fails writes failed.json (the error
-and its overrides) and the sweep goes on: `python -m app.report SWEEP_DIR` lists it. The engine is tuned for short
-rounds and large federations for the length of each run (app/engine.py); `ray_address=HOST:PORT` runs it on an
-existing Ray cluster.
+`+experiment=robustness -m`), each job prints "job i/N" and its progress; a job that fails writes failed.json (the
+error and its overrides) and the sweep goes on: `python -m app.report SWEEP_DIR` lists it. The engine is tuned for
+short rounds and large federations for the length of each run (app/engine.py); `ray_address=HOST:PORT` runs it on an
+existing Ray cluster. The console shows one progress line per run (per job in a sweep, after its "job i/N" line),
+Flower's warnings and, after a single run, the final table; `verbose=true` adds Flower's INFO lines
+(app/progress.py).
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import json
 import math
 import traceback
 from contextlib import nullcontext
-from logging import ERROR, INFO
+from logging import ERROR
 from pathlib import Path
 
 import hydra
 from flwr.client import ClientApp
-from flwr.common.logger import log
+from flwr.common.logger import log, update_console_handler
 from flwr.simulation import run_simulation
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -30,6 +32,8 @@ from app.client_app import make_client_fn
 from app.config import validate
 from app.data import load_federation
 from app.engine import tuned_engine
+from app.progress import show_flower
+from app.results import format_table
 from app.server_app import make_server_app
 
 
@@ -47,14 +51,18 @@ def simulate(cfg: DictConfig, out_dir: Path, tuned: bool = True) -> dict:
     benchmarks compare); returns its final metrics (results.json's `final`)."""
     validate(cfg)
     load_federation(cfg.dataset, cfg.num_clients, cfg.seed)  # bad data stops here, before Ray starts (kept: cached)
-    with tuned_engine() if tuned else nullcontext():
-        run_simulation(
-            server_app=make_server_app(cfg, out_dir),
-            client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
-            num_supernodes=cfg.num_clients,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": float(cfg.client_num_gpus)},
-                            "init_args": {} if cfg.ray_address is None else {"address": str(cfg.ray_address)}},
-        )
+    before = show_flower(bool(cfg.verbose))
+    try:
+        with tuned_engine() if tuned else nullcontext():
+            run_simulation(
+                server_app=make_server_app(cfg, out_dir),
+                client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
+                num_supernodes=cfg.num_clients,
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": float(cfg.client_num_gpus)},
+                                "init_args": {} if cfg.ray_address is None else {"address": str(cfg.ray_address)}},
+            )
+    finally:
+        update_console_handler(level=before)
     results = out_dir / "results.json"
     if not results.exists():  # run_simulation logs a failed ServerApp but does not raise
         raise RuntimeError(f"the simulation ended without writing {results}: see the log above for the error")
@@ -66,11 +74,13 @@ def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     if hc.mode != RunMode.MULTIRUN:
-        return simulate(cfg, out_dir)
+        final = simulate(cfg, out_dir)
+        print(f"\n{format_table(final)}\n\nresults: {out_dir}", flush=True)
+        return final
     multirun = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml")
     total = sweep_size(list(multirun.hydra.overrides.task), dict(multirun.hydra.sweeper.get("params") or {}))
     overrides = list(hc.overrides.task)
-    log(INFO, "[sweep] job %d/%d: %s", hc.job.num + 1, total, " ".join(overrides))
+    print(f"[sweep] job {hc.job.num + 1}/{total}: {' '.join(overrides)}", flush=True)  # its progress line follows
     try:
         return simulate(cfg, out_dir)
     except Exception as err:  # one failed job must not stop the sweep; the collector lists it

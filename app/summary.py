@@ -21,7 +21,8 @@ HIGHER_IS_BETTER = {"benign_acc": True, "benign_std_acc": False, "benign_worst10
 NOT_SETTING = {"run", "status", "error", "kind", "label", "rounds_done", "seed", "lam_value", "benign_mean_acc",
                "benign_var_acc", "malicious_acc", *METRICS,
                # how a run was executed, not what it computed
-               "personal_state", "state_dir", "checkpoint_every", "resume", "ray_address", "round_timeout"}
+               "personal_state", "state_dir", "checkpoint_every", "resume", "ray_address", "round_timeout",
+               "verbose"}
 MODEL_PREFIXES = ("method.", "aggregator.")
 TUNED = "ditto λ=best"
 

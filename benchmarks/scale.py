@@ -75,7 +75,7 @@ class Sampler:
 
 def run(devices: int, rounds: int, overrides: list[str]) -> dict[str, float]:
     args = ["dataset=synthetic", f"num_clients={devices}", "clients_per_round=10", f"num_rounds={rounds}",
-            f"eval_every={rounds}", "personal_state=disk", *overrides]
+            f"eval_every={rounds}", "personal_state=disk", "verbose=true", *overrides]  # timed by its log lines
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "app.simulate", *args, f"hydra.run.dir={tmp}"], cwd=PROJECT_DIR,

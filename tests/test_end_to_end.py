@@ -48,7 +48,22 @@ def test_hydra_entry_writes_the_documented_results(hydra_run: dict) -> None:
                for c in r["clients"])
     assert (out / "clients.csv").read_text().count("\n") == 6
     assert (out / "per_device_accuracy.png").stat().st_size > 1000
-    assert "round 3/3" in hydra_run["log"]  # progress per round
+    assert "round 3/3" in hydra_run["log"]  # the progress line
+
+
+@pytest.mark.slow
+def test_a_default_run_shows_its_progress_and_table_and_flowers_info_lines_only_when_verbose(hydra_run: dict,
+                                                                                         tmp_path: Path) -> None:
+    quiet = hydra_run["log"]
+    assert "round 3/3  " in quiet and "ETA 0:00  global " in quiet and "  personal " in quiet
+    assert "model     benign_acc" in quiet and f"results: {hydra_run['dir']}" in quiet  # the final table
+    assert not any(flower in quiet for flower in ("configure_evaluate", "History (", "Starting Flower ServerApp"))
+    proc = _simulate([*SMALL, "num_rounds=2", "verbose=true", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loud = proc.stdout + proc.stderr
+    assert all(flower in loud for flower in ("configure_evaluate", "History (", "Starting Flower ServerApp"))
+    assert "round 2/2" in loud
+    assert loud.count("model     benign_acc") == 1
 
 
 @pytest.mark.slow
