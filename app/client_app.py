@@ -41,19 +41,20 @@ PLACED_DEVICES = 256  # devices whose tensors one process keeps on its compute d
 
 
 def _hold_out_validation(cfg: DictConfig, partition_id: int, x: torch.Tensor, y: torch.Tensor):
-    """lam auto: (x_train, y_train, lam) with the validation split of the training data (ditto.validation_size)
-    taken before any label corruption, as the official client: the last samples (`method.val_split=last`, official)
-    or a seeded random subset (`random`). Devices with too little data keep all of it and the fixed lam."""
+    """lam auto: (x_train, y_train, lam) with the validation split of the training data (all but the first
+    ditto.trained_count samples) taken before any label corruption, as the official client: the last samples
+    (`method.val_split=last`, official) or a seeded random subset (`random`). Devices with too little data keep all
+    of it and the fixed lam."""
     strong = bool(cfg.method.strong_attack)
-    n_val = ditto.validation_size(len(y), float(cfg.method.val_fraction))
-    if n_val == 0:
+    n_train = ditto.trained_count(len(y), cfg.method)
+    if n_train == len(y):
         return x, y, LAM_FIXED[strong]
     if cfg.method.val_split == "last":
         order = torch.arange(len(y))
     else:
         split = ditto.round_generator(cfg.seed, partition_id, 0, ditto.Stream.VALIDATION_SPLIT)
         order = torch.randperm(len(y), generator=split)
-    train, val = order[: len(y) - n_val], order[len(y) - n_val :]
+    train, val = order[:n_train], order[n_train:]
     return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
 
 

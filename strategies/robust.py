@@ -32,7 +32,7 @@ from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from strategies.aggregators import Aggregator
+from strategies.aggregators import Rule
 from strategies.fair import Reweight
 from strategies.identity import Refusal, identify, node_public_keys
 from strategies.replies import check_evaluation, check_update, is_loss
@@ -89,7 +89,7 @@ class RobustStrategy(Strategy):
         self,
         *,
         initial_parameters: Parameters,
-        aggregate: Aggregator,
+        aggregate: Rule,
         num_clients: int,
         clients_per_round: int,
         num_rounds: int,
