@@ -26,7 +26,6 @@ from app.models import build_model, get_weights
 from app.persistence import Checkpoint, load_checkpoint, save_checkpoint
 from app.results import RunRecorder, required_metrics
 from strategies import RobustStrategy, build_aggregator
-from strategies.fair import build_reweight
 from strategies.identity import load_device_keys
 
 
@@ -136,7 +135,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         num_malicious=f,
         evaluate_metrics_fn=recorder.evaluate,
         threat_model=threat_model(cfg.attack, f),
-        reweight=build_reweight(METHODS[cfg.method.name].server_rule, float(cfg.method.get("q", 0.0)), float(cfg.lr)),
+        reweight=METHODS[cfg.method.name](cfg).reweight(),
         malicious=malicious,
         checkpoint_every=cfg.checkpoint_every,
         max_update_norm=None if cfg.max_update_norm is None else float(cfg.max_update_norm),
