@@ -2,7 +2,8 @@
 personal step on the same mini-batches, w^t fixed as the prox centre) and returns the global update; a personal model
 is kept as the device's own state (app/persistence.py: Flower's `context.state`, or a folder on the device's disk that
 survives restarts) and never leaves the device. `evaluate` scores the received global model and the personal model
-on the device's own test split. Malicious devices apply the configured attack."""
+on the device's own test split. What a method trains and scores is its object's hooks (app/methods/). Malicious
+devices apply the configured attack."""
 
 from __future__ import annotations
 
