@@ -2,7 +2,8 @@
 personal step on the same mini-batches, w^t fixed as the prox centre) and returns the global update; a personal model
 is kept as the device's own state (app/persistence.py: Flower's `context.state`, or a folder on the device's disk that
 survives restarts) and never leaves the device. `evaluate` scores the received global model and the personal model
-on the device's own test split. Malicious devices apply the configured attack."""
+on the device's own test split. What a method trains and scores is its object's hooks (app/methods/). Malicious
+devices apply the configured attack."""
 
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ from app.attacks import attack_rng, attack_update, attackers, corrupts_labels, r
 from app.config import config_from_overrides
 from app.data import load_federation
 from app.device import resolve_device, set_deterministic
-from app.methods import METHODS, apfl_round, mix_into
+from app.methods import METHODS
 from app.models import build_model, get_weights, objective, set_weights
 from app.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
-from app.results import personal_kind
 from app.rogue import rogue_client
 
 # lam auto (the paper): the grid and the fixed lam for devices with too little validation data, by attack strength
@@ -41,19 +41,20 @@ PLACED_DEVICES = 256  # devices whose tensors one process keeps on its compute d
 
 
 def _hold_out_validation(cfg: DictConfig, partition_id: int, x: torch.Tensor, y: torch.Tensor):
-    """lam auto: (x_train, y_train, lam) with the validation split of the training data (ditto.validation_size)
-    taken before any label corruption, as the official client: the last samples (`method.val_split=last`, official)
-    or a seeded random subset (`random`). Devices with too little data keep all of it and the fixed lam."""
+    """lam auto: (x_train, y_train, lam) with the validation split of the training data (all but the first
+    ditto.trained_count samples) taken before any label corruption, as the official client: the last samples
+    (`method.val_split=last`, official) or a seeded random subset (`random`). Devices with too little data keep all
+    of it and the fixed lam."""
     strong = bool(cfg.method.strong_attack)
-    n_val = ditto.validation_size(len(y), float(cfg.method.val_fraction))
-    if n_val == 0:
+    n_train = ditto.trained_count(len(y), cfg.method)
+    if n_train == len(y):
         return x, y, LAM_FIXED[strong]
     if cfg.method.val_split == "last":
         order = torch.arange(len(y))
     else:
         split = ditto.round_generator(cfg.seed, partition_id, 0, ditto.Stream.VALIDATION_SPLIT)
         order = torch.randperm(len(y), generator=split)
-    train, val = order[: len(y) - n_val], order[len(y) - n_val :]
+    train, val = order[:n_train], order[n_train:]
     return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
 
 
@@ -99,7 +100,7 @@ class DittoClient(NumPyClient):
         self.store = store
         federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
         self.num_classes = federation.num_classes
-        self.method = METHODS[cfg.method.name]
+        self.method = METHODS[cfg.method.name](cfg)
         self.malicious = partition_id in attackers(cfg)
         self.objective = objective(cfg.dataset)
         self.device = resolve_device(str(cfg.device))
@@ -107,38 +108,20 @@ class DittoClient(NumPyClient):
                                           cfg.seed).to(self.device)
         self.x_train, self.y_train, self.x_test, self.y_test, self.lam = placed_data(cfg, partition_id, self.device)
 
-    def _generator(self, server_round: int, stream: ditto.Stream) -> torch.Generator:
+    def generator(self, server_round: int, stream: ditto.Stream) -> torch.Generator:
+        """This device's random stream `stream` of round `server_round` (ditto.Stream)."""
         return ditto.round_generator(self.cfg.seed, self.partition_id, server_round, stream)
 
-    def _personal_model(self, state: DeviceState | None, index: int = 0) -> torch.nn.Module:
-        """The stored personal model (with a lam list: the one of lam number `index`; the state holds their arrays
-        one model after another), or the initial global model if this device never trained."""
-        model = self._build()
+    def _personal_models(self, state: DeviceState | None) -> list[torch.nn.Module]:
+        """The stored personal models (one per lam of a lam list; the state holds their arrays one model after
+        another), or the initial global model where this device never trained."""
+        count = len(self.lam) if isinstance(self.lam, tuple) else 1
+        models = [self._build() for _ in range(count)]
         if state is not None:
-            n = len(state.personal) // (len(self.lam) if isinstance(self.lam, tuple) else 1)
-            set_weights(model, state.personal[index * n : (index + 1) * n])
-        return model
-
-    def _reported_lam(self, state: DeviceState | None) -> float | None:
-        """The lam this device trains with: fixed, or (auto) the grid value chosen most often so far; None with a
-        lam list (each personal model is reported under its own lam)."""
-        if isinstance(self.lam, tuple):
-            return None
-        if not isinstance(self.lam, ditto.LamSearch):
-            return self.lam
-        if state is None or state.lam_counts is None:
-            return None
-        return self.lam.grid[int(np.argmax(state.lam_counts))]
-
-    def _lam_counts(self, state: DeviceState | None, chosen: list[float]) -> np.ndarray | None:
-        """lam auto: how often each grid value was chosen, this round's choices included."""
-        if not isinstance(self.lam, ditto.LamSearch):
-            return None
-        grid = self.lam.grid
-        counts = state.lam_counts.copy() if state is not None and state.lam_counts is not None else np.zeros(len(grid))
-        for lam in chosen:
-            counts[grid.index(lam)] += 1
-        return counts
+            n = len(state.personal) // count
+            for i, model in enumerate(models):
+                set_weights(model, state.personal[i * n : (i + 1) * n])
+        return models
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         return {"partition_id": self.partition_id}
@@ -148,28 +131,19 @@ class DittoClient(NumPyClient):
         ditto.seed_global_rng(self.cfg.seed, self.partition_id, server_round)
         global_model = self._build()
         set_weights(global_model, parameters)
-        metrics: dict[str, Scalar] = {"partition_id": self.partition_id}
-        if self.method.server_rule is not None:  # F_k(w^t), for the fair solvers' server step
-            metrics["train_loss"] = ditto.evaluate(global_model, self.x_train, self.y_train, self.objective)[1]
-        stored = self.store.load(upto=server_round - 1) if self.method.personal is not None else None
-        personal = self._personal_model(stored) if self.method.personal is not None else None
+        metrics: dict[str, Scalar] = {"partition_id": self.partition_id,
+                                      **self.method.fit_metrics(self, global_model)}
+        keeps = self.method.keeps_personal
+        stored = self.store.load(upto=server_round - 1) if keeps else None
+        personal = self._personal_models(stored) if keeps else []
         steps = dict(steps=self.cfg.local_steps, batch_size=self.cfg.batch_size, lr=float(self.cfg.lr),
-                     loss_fn=self.objective, generator=self._generator(server_round, ditto.Stream.BATCHES))
-        chosen: list[float] = []
-        if self.method.personal == "apfl":
-            apfl_round(global_model, personal, self.x_train, self.y_train, alpha=float(self.cfg.method.alpha), **steps)
-        elif isinstance(self.lam, tuple):
-            personal = [personal, *(self._personal_model(stored, i) for i in range(1, len(self.lam)))]
-            ditto.multi_lam_round(global_model, personal, self.lam, self.x_train, self.y_train, **steps)
-        else:
-            chosen = ditto.local_round(global_model, personal, self.x_train, self.y_train, lam=self.lam,
-                                       train_global=self.method.trains_global, **steps)
-        if personal is not None:
+                     loss_fn=self.objective, generator=self.generator(server_round, ditto.Stream.BATCHES))
+        chosen = self.method.train_round(self, global_model, personal, steps)
+        if keeps:
             checkpoint = config.get("checkpoint_round")
             lineage = (*(stored.trained_rounds if stored is not None else ()), server_round)
-            models = personal if isinstance(personal, list) else [personal]
-            weights = [a for m in models for a in get_weights(m)]
-            self.store.save(DeviceState(server_round, weights, self._lam_counts(stored, chosen), lineage),
+            weights = [a for m in personal for a in get_weights(m)]
+            self.store.save(DeviceState(server_round, weights, self.method.lam_counts(self, stored, chosen), lineage),
                             checkpoint_round=None if checkpoint is None else int(checkpoint))
         if self.method.trains_global:
             update = [w - w0 for w, w0 in zip(get_weights(global_model), parameters)]
@@ -179,28 +153,6 @@ class DittoClient(NumPyClient):
             rng = attack_rng(self.cfg.seed, self.partition_id, server_round)
             update = attack_update(self.cfg.attack, update, rng, self.cfg.clients_per_round)
         return update, len(self.y_train), metrics
-
-    def _finetune_steps(self) -> int:
-        """`method.steps`, or (null) the official budget max(int(finetune_iters * n_k / B), finetune_iters)
-        (litian96/ditto flearn/trainers_global/finetuning.py line 134)."""
-        steps = self.cfg.method.get("steps")
-        if steps is not None:
-            return int(steps)
-        iters = int(self.cfg.method.finetune_iters)
-        return max(int(iters * len(self.y_train) / self.cfg.batch_size), iters)
-
-    def _evaluated_personal(self, global_model: torch.nn.Module, server_round: int,
-                            stored: DeviceState | None) -> torch.nn.Module:
-        if self.method.evaluates == "mix":
-            return mix_into(self._build(), self._personal_model(stored), global_model, float(self.cfg.method.alpha))
-        if self.method.evaluates == "finetune":
-            tuned = self._build()
-            set_weights(tuned, get_weights(global_model))
-            ditto.local_round(tuned, None, self.x_train, self.y_train, steps=self._finetune_steps(),
-                              batch_size=self.cfg.batch_size, lr=float(self.cfg.lr), lam=0.0,
-                              loss_fn=self.objective, generator=self._generator(server_round, ditto.Stream.FINETUNE))
-            return tuned
-        return self._personal_model(stored)
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         model = self._build()
@@ -214,22 +166,16 @@ class DittoClient(NumPyClient):
             "loss_global": loss,
         }
         server_round = int(config.get("server_round", 0))
-        stored = self.store.load(upto=server_round) if self.method.personal is not None else None
-        if isinstance(self.lam, tuple) and self.method.evaluates == "stored":  # one entry per lam
-            for i, lam in enumerate(self.lam):
-                kind = personal_kind(lam)
-                metrics[f"correct_{kind}"], metrics[f"loss_{kind}"] = ditto.evaluate(
-                    self._personal_model(stored, i), self.x_test, self.y_test, self.objective)
-        elif self.method.evaluates is not None:
-            personal = self._evaluated_personal(model, server_round, stored)
-            metrics["correct_personal"], metrics["loss_personal"] = ditto.evaluate(
-                personal, self.x_test, self.y_test, self.objective
-            )
-        if self.method.personal is not None:  # the round its personal model last trained in (0: never), how often
+        keeps = self.method.keeps_personal
+        stored = self.store.load(upto=server_round) if keeps else None
+        personal = self._personal_models(stored) if keeps else []
+        for kind, scored in self.method.evaluated(self, model, personal, server_round).items():
+            metrics[f"correct_{kind}"], metrics[f"loss_{kind}"] = ditto.evaluate(
+                scored, self.x_test, self.y_test, self.objective)
+        if keeps:  # the round its personal model last trained in (0: never), how often
             metrics["personal_round"] = 0 if stored is None else stored.round
             metrics["personal_updates"] = 0 if stored is None else len(stored.trained_rounds)
-        if self.method.personal == "prox" and self._reported_lam(stored) is not None:
-            metrics["lam"] = float(self._reported_lam(stored))
+        metrics.update(self.method.report(self, stored))
         return loss, len(self.y_test), metrics
 
 

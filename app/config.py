@@ -221,7 +221,7 @@ def validate(cfg: DictConfig) -> None:
     if isinstance(lam, Sequence) and not isinstance(lam, str) and cfg.method.name != "ditto":
         raise ConfigError(f"config key 'method.lam' = {list(lam)!r} is not allowed with method={cfg.method.name}: a "
                           "lam list trains one Ditto personal model per lam. Use method=ditto, or a single lam.")
-    if cfg.resume and cfg.personal_state != "disk" and METHODS[cfg.method.name].personal is not None:
+    if cfg.resume and cfg.personal_state != "disk" and METHODS[cfg.method.name].keeps_personal:
         raise ConfigError("config key 'resume' = True is not allowed with personal_state='memory': personal models "
                           "in memory do not outlive the run. Set personal_state=disk (before the run to resume).")
 

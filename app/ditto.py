@@ -11,9 +11,10 @@ candidate v, and the one with the lowest loss on the device's validation split i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,6 +100,14 @@ def validation_size(n: int, val_fraction: float) -> int:
     sample (the official code has no such guard: it would validate on an empty set)."""
     n_val = n - int((1.0 - val_fraction) * n)
     return n_val if MIN_VALIDATION <= n_val < n else 0
+
+
+def trained_count(n: int, method: Mapping[str, Any]) -> int:
+    """How many of a device's n training samples it trains on under the `method` config: all of them, less the
+    validation hold-out under lam auto. The server samples devices by this count, so it must be the client's."""
+    if method.get("lam") != "auto":
+        return n
+    return n - validation_size(n, float(method["val_fraction"]))
 
 
 @dataclass(frozen=True)

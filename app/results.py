@@ -8,14 +8,16 @@ import os
 from collections.abc import Sequence
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.common.logger import log
 from omegaconf import DictConfig, OmegaConf
 
-from app.methods import Method
 from app.metrics import accuracy_summary
+
+if TYPE_CHECKING:
+    from app.methods import Method
 
 KINDS = ("global", "personal")
 LAM_TAG = "@lam="  # a run with a lam list (method.lam=[...]) reports each lam's personal models as personal@lam=X
@@ -31,12 +33,12 @@ def model_kinds(row: dict[str, Any]) -> list[str]:
     return [*KINDS, *(k.removeprefix("correct_") for k in row if k.startswith(f"correct_personal{LAM_TAG}"))]
 
 
-def required_metrics(method: Method, lams: Sequence[float] | None = None) -> frozenset[str]:
+def required_metrics(method: type[Method], lams: Sequence[float] | None = None) -> frozenset[str]:
     """The evaluation metrics every device of a run of `method` must send (RunRecorder reads them); with `lams` (a
     lam-list run), one personal kind per lam instead of `personal`."""
     personal_kinds = ("personal",) if lams is None else tuple(personal_kind(lam) for lam in lams)
-    kinds = ("global", *personal_kinds) if method.evaluates is not None else ("global",)
-    personal = ("personal_round", "personal_updates") if method.personal is not None else ()
+    kinds = ("global", *personal_kinds) if method.scores_personal else ("global",)
+    personal = ("personal_round", "personal_updates") if method.keeps_personal else ()
     return frozenset({"n_train", "n_test", *personal, *(f"{p}_{k}" for k in kinds for p in ("correct", "loss"))})
 
 

@@ -8,8 +8,6 @@ import time
 from logging import INFO
 from pathlib import Path
 
-import numpy as np
-import torch
 from flwr.app import Context
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
@@ -22,14 +20,13 @@ from app.attacks import aggregator_f, attackers, threat_model
 from app.config import check_flwr_run, config_from_overrides, dotted
 from app.data import load_federation
 from app.device import resolve_device, set_deterministic
-from app.ditto import validation_size
+from app.ditto import trained_count
 from app.methods import METHODS
 from app.models import build_model, get_weights
 from app.persistence import Checkpoint, load_checkpoint, save_checkpoint
 from app.progress import Progress, show_flower
 from app.results import RunRecorder, required_metrics
 from strategies import RobustStrategy, build_aggregator
-from strategies.fair import build_reweight
 from strategies.identity import load_device_keys
 
 
@@ -50,13 +47,12 @@ class ResultsServer(Server):
         self.progress: Progress | None = None
 
     def _checkpoint(self, server_round: int) -> None:
-        previous = getattr(self.strategy.aggregate, "previous", None)
         save_checkpoint(self.recorder.out_dir, Checkpoint(
             round=server_round,
             parameters=parameters_to_ndarrays(self.parameters),
             meta={"config": OmegaConf.to_container(self.cfg, resolve=True), "rounds": self.strategy.rounds,
                   "final": self.recorder.final, "clients": self.recorder.clients},
-            aggregator_state=None if previous is None else previous.cpu().numpy(),
+            aggregator_state=self.strategy.aggregate.state(),
         ))
 
     def _resume(self) -> int:
@@ -67,9 +63,7 @@ class ResultsServer(Server):
         self.strategy.initial_parameters = ndarrays_to_parameters(ckpt.parameters)
         self.strategy.rounds = ckpt.meta["rounds"]
         self.recorder.final, self.recorder.clients = ckpt.meta["final"], ckpt.meta["clients"]
-        if ckpt.aggregator_state is not None:
-            previous = torch.from_numpy(np.array(ckpt.aggregator_state))
-            self.strategy.aggregate.previous = previous.to(self.strategy.device)
+        self.strategy.aggregate.load_state(ckpt.aggregator_state)
         log(INFO, "resumed from the checkpoint of round %d in %s", ckpt.round, self.recorder.out_dir)
         return ckpt.round
 
@@ -136,10 +130,8 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
     f = aggregator_f(cfg)
     lams = list(cfg.method.lam) if isinstance(cfg.method.get("lam"), ListConfig) else None  # a lam-list run
     sizes = None
-    if cfg.sampling == "size":  # the devices' training counts as each client trains on them (after lam auto's hold-out)
-        auto = cfg.method.get("lam") == "auto"
-        sizes = [len(d.y_train) - (validation_size(len(d.y_train), float(cfg.method.val_fraction)) if auto else 0)
-                 for d in federation.devices]
+    if cfg.sampling == "size":  # the devices' training counts as each client trains on them
+        sizes = [trained_count(len(d.y_train), cfg.method) for d in federation.devices]
     recorder = RunRecorder(cfg, malicious, out_dir)
     strategy = RobustStrategy(
         initial_parameters=ndarrays_to_parameters(get_weights(model)),
@@ -152,7 +144,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         num_malicious=f,
         evaluate_metrics_fn=recorder.evaluate,
         threat_model=threat_model(cfg.attack, f),
-        reweight=build_reweight(METHODS[cfg.method.name].server_rule, float(cfg.method.get("q", 0.0)), float(cfg.lr)),
+        reweight=METHODS[cfg.method.name](cfg).reweight(),
         malicious=malicious,
         checkpoint_every=cfg.checkpoint_every,
         max_update_norm=None if cfg.max_update_norm is None else float(cfg.max_update_norm),

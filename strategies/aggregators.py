@@ -342,9 +342,6 @@ AGGREGATORS: dict[str, Callable[..., torch.Tensor]] = {
     "centered_clip": centered_clip,
 }
 
-# rules that restart from the previous round's aggregate
-STATEFUL = {"centered_clip"}
-
 
 def check_aggregator(options: Mapping[str, Any], clients_per_round: int, num_malicious: int) -> None:
     """Raise ValueError, naming the fix, when the rule cannot run on `clients_per_round` updates with f given or an
@@ -356,22 +353,52 @@ def check_aggregator(options: Mapping[str, Any], clients_per_round: int, num_mal
         raise ValueError(f"{options['name']} does not take one of the options {dict(options)}: {err}") from None
 
 
-class WithPrevious:
-    """A stateful rule, given the previous round's aggregate as its centre; `previous` is checkpointed with the run."""
+class Rule:
+    """A registry rule with its options bound, and its state between rounds: none here, so a checkpoint of a run
+    with this rule holds no aggregator state (`state` is None)."""
 
     def __init__(self, rule: Callable[..., torch.Tensor]) -> None:
         self.rule = rule
+
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor, num_malicious: int) -> torch.Tensor:
+        return self.rule(updates, weights, num_malicious)
+
+    def state(self) -> np.ndarray | None:
+        """What a checkpoint keeps of the rule so that a resumed run aggregates as the uninterrupted one."""
+        return None
+
+    def load_state(self, state: np.ndarray | None) -> None:
+        if state is not None:
+            raise ValueError("the checkpoint holds an aggregator state, but this rule keeps none: resume with the "
+                             "run's own aggregator")
+
+
+class FromPrevious(Rule):
+    """A rule that restarts from the previous round's aggregate (centered clipping's centre): that aggregate is its
+    state, and a checkpoint keeps it."""
+
+    def __init__(self, rule: Callable[..., torch.Tensor]) -> None:
+        super().__init__(rule)
         self.previous: torch.Tensor | None = None
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor, num_malicious: int) -> torch.Tensor:
-        self.previous = self.rule(updates, weights, num_malicious, center=self.previous)
+        centre = None if self.previous is None else self.previous.to(updates.device)  # a checkpoint's is on the CPU
+        self.previous = self.rule(updates, weights, num_malicious, center=centre)
         return self.previous
 
+    def state(self) -> np.ndarray | None:
+        return None if self.previous is None else self.previous.cpu().numpy()
 
-def build_aggregator(options: Mapping[str, Any]) -> Aggregator:
+    def load_state(self, state: np.ndarray | None) -> None:
+        self.previous = None if state is None else torch.from_numpy(np.array(state))
+
+
+STATEFUL: dict[str, type[Rule]] = {"centered_clip": FromPrevious}  # rules that carry a state from round to round
+
+
+def build_aggregator(options: Mapping[str, Any]) -> Rule:
     """The registry rule named by `options["name"]` with its other options bound (`f` is the strategy's, not the
-    rule's); a stateful rule is given the previous aggregate as its centre."""
+    rule's); a stateful rule (`STATEFUL`) carries its state from round to round."""
     name = options["name"]
     params = {k: v for k, v in options.items() if k not in ("name", "f")}
-    rule = partial(AGGREGATORS[name], **params)
-    return WithPrevious(rule) if name in STATEFUL else rule
+    return STATEFUL.get(name, Rule)(partial(AGGREGATORS[name], **params))

@@ -34,11 +34,3 @@ def tilted(updates: torch.Tensor, losses: torch.Tensor, q: float) -> torch.Tenso
     weights = torch.softmax(q * losses.to(torch.float64), dim=0)
     return updates * (updates.shape[0] * weights).to(updates.dtype)[:, None]
 
-
-def build_reweight(rule: str | None, q: float, lr: float) -> Reweight | None:
-    """The server-side rescaling `rule` ("qffl", "tilted"; None: the aggregator alone)."""
-    if rule == "qffl":
-        return lambda updates, losses: qffl(updates, losses, q, lr)
-    if rule == "tilted":
-        return lambda updates, losses: tilted(updates, losses, q)
-    return None

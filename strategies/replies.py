@@ -1,5 +1,6 @@
-"""What a node's reply may hold before the server uses it: a fit update (`check_update`) and an evaluation reply
-(`check_evaluation`). Each returns why the reply is refused, or None; the strategy logs and counts refusals."""
+"""What a node's reply may hold before the server uses it: a fit reply (`check_fit`, its update `check_update`) and
+an evaluation reply (`check_evaluation`). Each says why the reply is refused, or None; the strategy logs and counts
+refusals."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.common import EvaluateRes, NDArrays
+from flwr.common import EvaluateRes, FitRes, NDArrays, parameters_to_ndarrays
 
 
 def check_update(update: NDArrays, reference: NDArrays, max_norm: float | None = None) -> str | None:
@@ -27,6 +28,24 @@ def check_update(update: NDArrays, reference: NDArrays, max_norm: float | None =
         if norm > max_norm:
             return f"norm {norm:.3g} exceeds max_update_norm={max_norm:g}"
     return None
+
+
+def check_fit(res: FitRes, reference: NDArrays, max_norm: float | None,
+              needs_loss: bool) -> tuple[NDArrays, str | None]:
+    """The decoded update of the fit reply `res` and why it cannot be aggregated (None when it can): undecodable
+    or malformed (`check_update`), no training sample, or (`needs_loss`: a fair solver rescales by it) no usable
+    `train_loss`."""
+    try:
+        update = parameters_to_ndarrays(res.parameters)
+    except Exception as err:  # undecodable bytes are a malformed update like any other
+        return [], f"undecodable parameters ({err})"
+    reason = check_update(update, reference, max_norm)
+    if reason is None and res.num_examples <= 0:
+        reason = f"num_examples={res.num_examples}"
+    loss = res.metrics.get("train_loss")
+    if reason is None and needs_loss and not is_loss(loss):
+        reason = f"train_loss={loss!r} (a finite number >= 0 is needed by the fair solver)"
+    return update, reason
 
 
 def is_loss(value: Any) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from logging import INFO, WARNING
 from typing import Any
 
@@ -20,7 +19,6 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
-    GetPropertiesIns,
     NDArrays,
     Parameters,
     Scalar,
@@ -28,14 +26,15 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
-from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from strategies.aggregators import Aggregator
+from strategies.aggregators import Rule
 from strategies.fair import Reweight
-from strategies.identity import Refusal, identify, node_public_keys
-from strategies.replies import check_evaluation, check_update, is_loss
+from strategies.identity import Refusal
+from strategies.registry import DeviceRegistry
+from strategies.replies import check_evaluation, check_fit
 from strategies.sampling import evaluates, sample_devices
 
 EvaluateMetricsFn = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
@@ -62,11 +61,12 @@ class RobustStrategy(Strategy):
     Devices are addressed by partition id, so which devices a round samples depends only on (seed, round), in
     simulation and in deployment alike: uniformly, or with `sample_sizes` (the devices' training sample counts, known
     to the server from the config) in proportion to n_k, as the official code (strategies/sampling.py). Each node
-    is identified once per connection (strategies/identity.py: its own claim, or with `device_keys` the key the
-    SuperLink authenticated it with); a node refused as a device is logged, counted (`excluded_nodes`, the reasons
-    in `exclusions`) and left out, and the run goes on without it. Before the first round the strategy waits
-    (`connect_timeout`) until every device is identified, and starts with fewer only if at least `min_devices`
-    (default: `clients_per_round`) are; else it stops with an error naming the missing.
+    is identified once per connection by the strategy's `registry` (strategies/registry.py; strategies/identity.py:
+    its own claim, or with `device_keys` the key the SuperLink authenticated it with); a node refused as a device is
+    logged, counted (`excluded_nodes`, the reasons in `exclusions`) and left out, and the run goes on without it.
+    Before the first round the strategy waits (`connect_timeout`) until every device is identified, and starts with
+    fewer only if at least `min_devices` (default: `clients_per_round`) are; else it stops with an error naming the
+    missing.
 
     Every `eval_every` rounds and after the last round, every device evaluates. A reply counts for the device the
     request was sent to, never for what it says, and only if `check_evaluation` accepts it (with the metrics
@@ -89,7 +89,7 @@ class RobustStrategy(Strategy):
         self,
         *,
         initial_parameters: Parameters,
-        aggregate: Aggregator,
+        aggregate: Rule,
         num_clients: int,
         clients_per_round: int,
         num_rounds: int,
@@ -122,96 +122,35 @@ class RobustStrategy(Strategy):
         self.threat_model = threat_model
         self.reweight = reweight
         self.malicious = malicious
-        self.connect_timeout = connect_timeout
         self.checkpoint_every = checkpoint_every
         self.max_update_norm = max_update_norm
         self.sample_sizes = None if sample_sizes is None else tuple(int(n) for n in sample_sizes)
-        self.device_keys = device_keys
-        self.min_devices = clients_per_round if min_devices is None else min_devices
         self.evaluation_keys = evaluation_keys
         self.device = torch.device(device)
+        self.registry = DeviceRegistry(num_clients=num_clients, connect_timeout=connect_timeout,
+                                       min_devices=clients_per_round if min_devices is None else min_devices,
+                                       device_keys=device_keys, exclude=self._exclude)
         self.rounds: list[dict[str, Any]] = []
-        self._partition_of: dict[str, int] = {}  # node id -> device, newest identification last
-        self._identified: set[int] = set()  # partition ids seen so far
-        self._asked: dict[str, ClientProxy] = {}  # node id -> the connection (proxy) it was identified on
-        self._cached: tuple[frozenset, dict[int, ClientProxy]] | None = None  # connections -> their devices
         self._global: NDArrays = []
         self._sent_to: dict[int, int] = {}  # id of each node asked this phase -> the device it was asked as
         self._start = time.perf_counter()
-        self.connected_after: float | None = None  # seconds from the start until every device was identified
 
     def __repr__(self) -> str:
         return f"RobustStrategy(num_clients={self.num_clients}, clients_per_round={self.clients_per_round})"
 
     # -- device identities -------------------------------------------------------------------------------------
     def _devices(self, client_manager: ClientManager, server_round: int) -> dict[int, ClientProxy]:
-        """Connected devices by partition id. Before the first round, waits for every device (see the class); later
-        rounds go on with the devices that are connected: a dead node's sampled slot is lost for that round, and a
-        restarted device, once identified again, takes its place (without keys: the newest node claiming it)."""
-        if self.connected_after is not None:  # Flower's all() re-lists the federation; its thread does so every 5 s
-            simple = isinstance(client_manager, SimpleClientManager)
-            proxies = client_manager.clients if simple else client_manager.all()
-            return self._identify(proxies, server_round)
-        client_manager.num_available()  # lets Flower register the nodes that have joined
-        deadline = time.monotonic() + self.connect_timeout
-        while True:
-            proxies = client_manager.all()
-            devices = self._identify(proxies, server_round)
-            if len(devices) >= self.num_clients or time.monotonic() >= deadline:
-                break
-            client_manager.wait_for(len(proxies) + 1, timeout=max(1, int(deadline - time.monotonic())))
-        self.connected_after = time.perf_counter() - self._start
-        missing = sorted(set(range(self.num_clients)) - set(devices))
-        if len(devices) < self.min_devices:
-            refused = "; ".join(f"node {e['node']}: {e['reason']}" for r in self.rounds if r["round"] == server_round
-                                for e in r["exclusions"]) or "none"
-            raise RuntimeError(
-                f"only {len(devices)} of num_clients={self.num_clients} devices were identified within "
-                f"{self.connect_timeout:.0f} s (at least {self.min_devices} needed); missing: {missing}; refused "
-                f"nodes: {refused}. Start one node per device (simulation: num-supernodes=num_clients)"
-            )
-        log(INFO, "%d devices connected and identified after %.1f s", len(devices), self.connected_after)
-        if missing:
-            log(WARNING, "starting without devices %s: they were not identified within %.0f s", missing,
-                self.connect_timeout)
-        return devices
+        """Connected devices by partition id (strategies/registry.py)."""
+        return self.registry.devices(client_manager, server_round, self._start)
 
-    def _identify(self, proxies: dict[str, ClientProxy], server_round: int) -> dict[int, ClientProxy]:
-        """Identify the nodes not yet identified on their present connection; the devices of `proxies`."""
-        connections = frozenset((cid, id(p)) for cid, p in proxies.items())
-        if self._cached is not None and connections == self._cached[0]:
-            return self._cached[1]  # no node joined, left or reconnected since the last call
-        new = {cid: p for cid, p in proxies.items() if self._asked.get(cid) is not p}
-        if new:
-            def ask(proxy: ClientProxy):  # -> GetPropertiesRes | BaseException
-                try:
-                    return proxy.get_properties(GetPropertiesIns({}), self.connect_timeout, 0)
-                except Exception as err:  # a node that cannot answer is refused, not the run
-                    return err
-
-            with ThreadPoolExecutor(max_workers=min(32, len(new))) as pool:
-                answers = dict(zip(new, pool.map(ask, new.values())))
-            keys = node_public_keys(new.values()) if self.device_keys is not None else None
-            accepted, refusals = identify(answers, self.num_clients, keys, self.device_keys)
-            self._asked.update(new)
-            for cid, pid in accepted.items():
-                if pid in self._identified and self._partition_of.get(cid) != pid:
-                    log(WARNING, "device %d rejoined as node %s: it replaces the node it ran on before", pid, cid)
-                self._partition_of.pop(cid, None)
-                self._partition_of[cid] = pid  # newest last: it wins over an older node of the same device
-                self._identified.add(pid)
-            self._exclude(server_round, refusals)
-        devices = {pid: proxies[cid] for cid, pid in self._partition_of.items() if cid in proxies}  # newest wins
-        if len(devices) < self.num_clients and self.connected_after is not None:
-            log(WARNING, "%d of %d devices connected; missing: %s", len(devices), self.num_clients,
-                sorted(set(range(self.num_clients)) - set(devices)))
-        self._cached = (connections, devices)
-        return devices
+    @property
+    def connected_after(self) -> float | None:
+        """Seconds from the start until every device was identified (None: not yet)."""
+        return self.registry.connected_after
 
     def _exclude(self, server_round: int, refusals: list[Refusal]) -> None:
         entry = self._log_round(server_round)
         for refusal in refusals:
-            self._partition_of.pop(refusal.node, None)
             log(WARNING, "round %d: node %s is refused as a device (claimed %s): %s", server_round, refusal.node,
                 refusal.claimed, refusal.reason)
             entry["exclusions"].append(refusal.as_dict())
@@ -257,17 +196,7 @@ class RobustStrategy(Strategy):
         by_device = sorted(((self._sent_to.get(id(proxy), -1), proxy, res) for proxy, res in results),
                            key=lambda item: item[0])
         for pid, proxy, res in by_device:
-            try:
-                update = parameters_to_ndarrays(res.parameters)
-            except Exception as err:  # undecodable bytes are a malformed update like any other
-                update, reason = None, f"undecodable parameters ({err})"
-            else:
-                reason = check_update(update, self._global, self.max_update_norm)
-            if reason is None and res.num_examples <= 0:
-                reason = f"num_examples={res.num_examples}"
-            loss = res.metrics.get("train_loss")
-            if reason is None and self.reweight is not None and not is_loss(loss):
-                reason = f"train_loss={loss!r} (a finite number >= 0 is needed by the fair solver)"
+            update, reason = check_fit(res, self._global, self.max_update_norm, needs_loss=self.reweight is not None)
             if reason is not None:
                 rejected += 1
                 log(WARNING, "round %d: rejected the update of device %s: %s", server_round, pid, reason)
@@ -275,7 +204,7 @@ class RobustStrategy(Strategy):
             rows.append(flatten(update))
             weights.append(res.num_examples)
             senders.append(pid)
-            losses.append(loss)
+            losses.append(res.metrics.get("train_loss"))
         skipped = 0
         if rows:
             stacked = torch.from_numpy(np.stack(rows)).to(self.device)  # one copy to the device, then all work there

@@ -98,7 +98,7 @@ def test_finetune_runs_the_official_budget_unless_steps_fixes_a_count() -> None:
     official = DittoClient(compose_config(base), 1, MemoryStore(RecordDict()))
     n, batch = len(official.y_train), official.cfg.batch_size
     budget = max(int(40 * n / batch), 40)
-    assert official._finetune_steps() == budget != 40
+    assert official.method.finetune_steps(n) == budget != 40
     fixed = DittoClient(compose_config([*base, f"method.steps={budget}"]), 1, MemoryStore(RecordDict()))
     params = get_weights(official._build())
     assert official.evaluate(params, {"server_round": 3})[2] == fixed.evaluate(params, {"server_round": 3})[2]

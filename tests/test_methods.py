@@ -13,7 +13,8 @@ from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameter
 from app import ditto
 from app.client_app import LAM_FIXED, LAM_GRID, DittoClient
 from app.config import compose_config
-from app.methods import METHODS, apfl_round, mix_into
+from app.methods import METHODS
+from app.methods.apfl import apfl_round, mix_into
 from app.models import get_weights
 from app.persistence import MemoryStore
 from app.results import required_metrics

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import RecordDict
 
 from app.client_app import DittoClient
@@ -25,7 +26,7 @@ from app.persistence import (
     load_checkpoint,
     save_checkpoint,
 )
-from app.server_app import check_resumable
+from app.server_app import build_components, check_resumable
 from tests.test_end_to_end import _simulate
 
 A = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, dtype=np.float32)]
@@ -125,6 +126,22 @@ def test_checkpoint_round_trip_and_config_check(tmp_path: Path) -> None:
     check_resumable({"seed": 0, "num_rounds": 5, "resume": False}, {"seed": 0, "num_rounds": 9, "resume": True})
     with pytest.raises(ValueError, match=r"method\.lam \(1\.0 -> 0\.5\)"):
         check_resumable({"method": {"lam": 1.0}}, {"method": {"lam": 0.5}})
+
+
+def test_a_resumed_server_continues_centered_clipping_from_the_saved_centre(tmp_path: Path) -> None:
+    overrides = ["num_clients=6", "clients_per_round=3", "method=global", "checkpoint_every=1",
+                 "aggregator=centered_clip", "aggregator.iters=1"]
+    stack, weights = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), torch.ones(3, dtype=torch.float64)
+    server = build_components(compose_config(overrides), tmp_path).server
+    rule = server.strategy.aggregate
+    server.parameters = server.strategy.initial_parameters
+    rule(stack, weights, 0)
+    server._checkpoint(1)
+    resumed = build_components(compose_config([*overrides, "resume=true"]), tmp_path).server
+    assert resumed._resume() == 1
+    assert np.array_equal(resumed.strategy.aggregate.state(), rule.state())
+    torch.testing.assert_close(resumed.strategy.aggregate(stack, weights, 0), rule(stack, weights, 0), rtol=0, atol=0)
+    assert build_components(compose_config(["aggregator=median"]), tmp_path).server.strategy.aggregate.state() is None
 
 
 def test_resume_needs_personal_models_on_disk() -> None:

@@ -100,7 +100,7 @@ def test_duplicate_out_of_range_missing_malformed_and_silent_nodes_are_excluded_
            OddDevice("h", {"partition_id": "1"}), OddDevice("i", {"partition_id": 1.5}),
            OddDevice("j", TimeoutError("no reply"))]
     strategy = _strategy(4, 2)
-    strategy.connect_timeout = 1
+    strategy.registry.connect_timeout = 1
     chosen = strategy.configure_fit(1, ndarrays_to_parameters(MODEL), _manager(good + odd))
     assert {p.cid for p, _ in chosen} <= {"a", "b", "c"} and len(chosen) >= 1
     entry = strategy.rounds[0]
@@ -116,11 +116,11 @@ def test_duplicate_out_of_range_missing_malformed_and_silent_nodes_are_excluded_
 
 def test_too_few_identified_devices_stop_the_first_round_with_an_error_naming_them() -> None:
     strategy = _strategy(3, 2)
-    strategy.connect_timeout = 1
+    strategy.registry.connect_timeout = 1
     with pytest.raises(RuntimeError, match=r"only 1 of num_clients=3 .* missing: \[1, 2\].*node b: partition_id=5"):
         strategy.configure_fit(1, ndarrays_to_parameters(MODEL), _manager([FakeDevice("a", 0), FakeDevice("b", 5)]))
     nobody = _strategy(3, 2)
-    nobody.connect_timeout = 1
+    nobody.registry.connect_timeout = 1
     with pytest.raises(RuntimeError, match=r"only 0 of num_clients=3 .* refused nodes: none"):
         nobody.configure_fit(1, ndarrays_to_parameters(MODEL), _manager([]))
 
@@ -295,7 +295,7 @@ def test_with_device_keys_a_node_is_the_device_of_its_key_and_an_impostor_gets_n
     grid = FakeGrid()
     honest = [_node(grid, 10 + k, pairs[k][1], k) for k in range(3)]
     strategy = _strategy(3, 3)
-    strategy.device_keys = load_device_keys(tmp_path / "keys.json", 3)
+    strategy.registry.device_keys = load_device_keys(tmp_path / "keys.json", 3)
     manager = _manager(honest)
     assert len(strategy.configure_fit(1, ndarrays_to_parameters(MODEL), manager)) == 3
     manager.unregister(honest[1])  # device 1 is down; a node with a valid but unlisted key claims its place
