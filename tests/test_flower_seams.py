@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from app.persistence import Checkpoint, save_checkpoint
 from app.progress import Progress
 from app.server_app import ResultsServer
+from strategies.aggregators import Rule
 
 # Flower 1.41.0's Server.fit_round (flwr/server/server.py lines 205-249), docstring and log calls left out.
 FIT_ROUND_SHA256 = "b1f8165a35dce2dc972eae317b42989e3ff03e352cfbde60ce84cabe9c196821"
@@ -71,7 +72,8 @@ def test_a_resumed_run_goes_through_flowers_loop_from_the_checkpoints_model_and_
         "config": OmegaConf.to_container(cfg), "rounds": [{"round": 1}, {"round": 2}], "final": {}, "clients": []}))
     seen: list = []
     strategy = SimpleNamespace(
-        initial_parameters=ndarrays_to_parameters([np.zeros(2)]), aggregate=None, rounds=[], connected_after=None,
+        initial_parameters=ndarrays_to_parameters([np.zeros(2)]), aggregate=Rule(lambda *args: None), rounds=[],
+        connected_after=None,
         evaluate=lambda server_round, parameters: None,
         configure_fit=lambda server_round, parameters, client_manager: seen.append(
             ("fit", server_round, parameters_to_ndarrays(parameters)[0].tolist())) or [],
