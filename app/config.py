@@ -19,6 +19,9 @@ from app.device import device_problem
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_DIR / "conf"
+# keys that say how a run was executed, not what it computed: equal results whatever their values
+EXECUTION_KEYS = frozenset({"personal_state", "state_dir", "checkpoint_every", "resume", "ray_address", "round_timeout",
+                            "verbose", "skip_done"})
 
 
 class ConfigError(ValueError):
@@ -125,6 +128,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "device", lambda v: device_error is None, device_error or "")
     _check(cfg, "deterministic", lambda v: isinstance(v, bool), "true or false")
     _check(cfg, "verbose", lambda v: isinstance(v, bool), "true or false")
+    _check(cfg, "skip_done", lambda v: isinstance(v, bool), "true or false")
 
     _choice(cfg, "dataset.name", DATASETS, "dataset")
     _choice(cfg, "dataset.model", MODELS)

@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from app.client_app import make_client_fn
-from app.config import validate
+from app.config import EXECUTION_KEYS, validate
 from app.data import load_federation
 from app.engine import tuned_engine
 from app.progress import show_flower
@@ -69,6 +69,18 @@ def simulate(cfg: DictConfig, out_dir: Path, tuned: bool = True) -> dict:
     return json.loads(results.read_text())["final"]
 
 
+def finished(out_dir: Path, cfg: DictConfig) -> dict | None:
+    """The final metrics of the run in `out_dir` when it finished with the same config as `cfg` (the keys that
+    only say how it was executed aside), else None: what `skip_done` does not run again."""
+    results = out_dir / "results.json"
+    if not results.exists():
+        return None
+    record = json.loads(results.read_text())
+    same = {k: v for k, v in record["config"].items() if k not in EXECUTION_KEYS}
+    wanted = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in EXECUTION_KEYS}
+    return record["final"] if same == wanted else None
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
@@ -80,7 +92,12 @@ def main(cfg: DictConfig) -> dict | None:
     multirun = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml")
     total = sweep_size(list(multirun.hydra.overrides.task), dict(multirun.hydra.sweeper.get("params") or {}))
     overrides = list(hc.overrides.task)
+    done = finished(out_dir, cfg) if cfg.skip_done else None
+    if done is not None:
+        print(f"[sweep] job {hc.job.num + 1}/{total}: {' '.join(overrides)}: done already (skip_done)", flush=True)
+        return done
     print(f"[sweep] job {hc.job.num + 1}/{total}: {' '.join(overrides)}", flush=True)  # its progress line follows
+    (out_dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's; this one writes its own
     try:
         return simulate(cfg, out_dir)
     except Exception as err:  # one failed job must not stop the sweep; the collector lists it

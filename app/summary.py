@@ -14,6 +14,7 @@ import math
 
 import pandas as pd
 
+from app.config import EXECUTION_KEYS
 from app.stats import paired_interval, t_interval
 
 METRICS = ("benign_acc", "benign_std_acc", "benign_worst10_acc")
@@ -21,8 +22,7 @@ HIGHER_IS_BETTER = {"benign_acc": True, "benign_std_acc": False, "benign_worst10
 NOT_SETTING = {"run", "status", "error", "kind", "label", "rounds_done", "seed", "lam_value", "benign_mean_acc",
                "benign_var_acc", "malicious_acc", *METRICS,
                # how a run was executed, not what it computed
-               "personal_state", "state_dir", "checkpoint_every", "resume", "ray_address", "round_timeout",
-               "verbose"}
+               *EXECUTION_KEYS}
 MODEL_PREFIXES = ("method.", "aggregator.")
 TUNED = "ditto λ=best"
 

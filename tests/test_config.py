@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 
 from app.attacks import ATTACKS
 from app.config import CONF_DIR, ConfigError, compose_config
 from app.data import DATASETS
 from app.methods import METHODS
+from app.simulate import finished
 from strategies.aggregators import AGGREGATORS
 
 
@@ -90,3 +94,13 @@ def test_config_cli_prints_a_value_or_the_error() -> None:
 def test_gaussian_mean_refuses_a_configured_attack() -> None:
     with pytest.raises(ConfigError, match="Set it as attack=none"):
         compose_config(["dataset=gaussian_mean"])
+
+
+def test_skip_done_reuses_a_finished_run_of_the_same_config_only(tmp_path: Path) -> None:
+    cfg = compose_config(["skip_done=true"])
+    assert finished(tmp_path, cfg) is None  # nothing there
+    record = {"config": OmegaConf.to_container(compose_config(["verbose=true"]), resolve=True), "final": {"x": 1}}
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    assert finished(tmp_path, cfg) == {"x": 1}  # how it was executed does not matter
+    assert finished(tmp_path, compose_config(["skip_done=true", "seed=1"])) is None  # what it computes does
+    assert finished(tmp_path, compose_config(["skip_done=true", "method.lam=0.5"])) is None

@@ -75,6 +75,14 @@ def test_multirun_is_deterministic_per_seed_and_global_method_has_no_personal_mo
     assert runs[0]["clients"] == runs[1]["clients"]
     assert runs[0]["final"] != runs[2]["final"]  # another seed: other numbers
     assert all(r["final"]["personal"] is None and r["clients"][0]["acc_personal"] is None for r in runs)
+    # an interrupted sweep (job 3 never finished), run again with skip_done: the finished jobs are not run again
+    (tmp_path / "2" / "results.json").unlink()
+    proc = _simulate(["-m", *SMALL, "seed=0,0,1", "method=global", "skip_done=true", f"hydra.sweep.dir={tmp_path}"],
+                     tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    third = [line for line in proc.stdout.splitlines() if line.startswith("[sweep] job 3/3: ")]
+    assert proc.stdout.count("done already (skip_done)") == 2 and third and "done already" not in third[0]
+    assert json.loads((tmp_path / "2" / "results.json").read_text())["final"] == runs[2]["final"]
 
 
 @pytest.mark.slow
