@@ -280,10 +280,9 @@ class LocalDeployment:
 
 
 # A round's messages live this long (their TTL) unless the overrides set round_timeout: more than the slowest
-# healthy fit or evaluation phase seen on loopback (90 s at load ~18), and a bound on a message that Flower never
-# answers: a node killed while holding a message and readmitted under the same node id (node auth) before the
-# ServerApp's next poll finds it offline gets no error reply for it, so without a TTL the round would wait 12 h
-# (Flower's default; docs/flower-1.42.md).
+# healthy fit or evaluation phase seen on loopback (90 s at load ~18), and a bound on a message Flower never answers:
+# one held by a node that is killed and readmitted under the same node id (node auth) before the ServerApp's next
+# poll sees it offline. Without a TTL the round would wait 12 h for it (Flower's default; docs/flower-1.42.md).
 ROUND_TIMEOUT = 180
 
 

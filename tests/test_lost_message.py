@@ -17,6 +17,9 @@ from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 
+from app.config import compose_config
+from app.deploy import ROUND_TIMEOUT, deployment_overrides
+
 HEARTBEAT = 1.0  # s; the SuperLink counts a node offline after 2 missed intervals (HEARTBEAT_PATIENCE)
 
 
@@ -52,3 +55,9 @@ def test_a_node_readmitted_before_a_poll_leaves_its_message_unanswered_until_the
     time.sleep(ttl)
     (reply,) = state.get_message_res({mid}, run)
     assert reply.has_error(), "past its TTL the message is answered with an error: the round goes on"
+
+
+def test_deployments_bound_their_rounds_unless_told_otherwise() -> None:
+    assert compose_config(deployment_overrides(["num_clients=5"])).round_timeout == ROUND_TIMEOUT
+    assert compose_config(deployment_overrides(["round_timeout=600"])).round_timeout == 600
+    assert compose_config(deployment_overrides(["round_timeout=null"])).round_timeout is None
