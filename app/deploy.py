@@ -5,10 +5,11 @@
     python -m app.deploy certs DIR [--nodes N] [--host HOST]                  # CA, server certificate, node keys
 
 Each SuperNode is told its device through `--node-config "partition-id=K num-partitions=N state-dir=DIR"` and keeps
-its personal model in its own state-dir (`personal_state=disk` is the default here), so a restarted SuperNode
-continues from it. `--tls` makes a CA, a server certificate (SAN 127.0.0.1 and `--host`) and an ECDSA key per node,
-starts the SuperLink with TLS and `--enable-supernode-auth`, registers the node keys before the nodes start, and
-binds each device to its node's key (`device_keys`: a node is the device its authenticated key is listed for).
+its personal model in its own state-dir, so a restarted SuperNode continues from it (`personal_state=disk` and
+`round_timeout=180` are the defaults here: see `deployment_overrides`). `--tls` makes a CA, a server certificate (SAN
+127.0.0.1 and `--host`) and an ECDSA key per node, starts the SuperLink with TLS and `--enable-supernode-auth`,
+registers the node keys before the nodes start, and binds each device to its node's key (`device_keys`: a node is
+the device its authenticated key is listed for).
 Every process is started in its own session and stopped with its children (SIGTERM, then SIGKILL).
 """
 
@@ -265,9 +266,10 @@ class LocalDeployment:
 
     def run(self, overrides: Sequence[str], output_dir: Path, timeout: float | None = None,
             echo: bool = True) -> Path:
-        """`flwr run . deployment` of the experiment `overrides`; the path of its results.json."""
-        return run_flwr(overrides, output_dir, flwr_home=self.flwr_home, timeout=timeout, echo=echo,
-                        connection=CONNECTION)
+        """`flwr run . deployment` of the experiment `overrides` (under the deployment's defaults); the path of its
+        results.json."""
+        return run_flwr(deployment_overrides(overrides), output_dir, flwr_home=self.flwr_home, timeout=timeout,
+                        echo=echo, connection=CONNECTION)
 
     def stop_all(self) -> None:
         """Stop every process this deployment started, with its children, by pid."""
@@ -277,10 +279,19 @@ class LocalDeployment:
         self.nodes.clear()
 
 
-def with_disk_state(overrides: Sequence[str]) -> list[str]:
-    """Devices keep their personal models on their own disk unless the overrides say otherwise."""
+# A round's messages live this long (their TTL) unless the overrides set round_timeout: more than the slowest
+# healthy fit or evaluation phase seen on loopback (90 s at load ~18), and a bound on a message Flower never answers:
+# one held by a node that is killed and readmitted under the same node id (node auth) before the ServerApp's next
+# poll sees it offline. Without a TTL the round would wait 12 h for it (Flower's default; docs/flower-1.42.md).
+ROUND_TIMEOUT = 180
+
+
+def deployment_overrides(overrides: Sequence[str]) -> list[str]:
+    """A deployment's defaults under `overrides`: devices keep their personal models on their own disk, and a round
+    waits at most ROUND_TIMEOUT seconds for a reply."""
     overrides = list(overrides)
-    return overrides if any(o.startswith("personal_state=") for o in overrides) else ["personal_state=disk", *overrides]
+    defaults = {"personal_state": "disk", "round_timeout": str(ROUND_TIMEOUT)}
+    return [f"{k}={v}" for k, v in defaults.items() if not any(o.startswith(f"{k}=") for o in overrides)] + overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="extra SAN of the server certificate (--tls)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: outputs/deploy/<timestamp>")
     args = parser.parse_args(argv)
-    overrides = with_disk_state(args.overrides)
+    overrides = deployment_overrides(args.overrides)
     try:
         cfg = compose_config(overrides)
     except Exception as err:

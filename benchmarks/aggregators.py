@@ -1,4 +1,4 @@
-"""Aggregator speed and memory: ours against Flower's functions (1.41, unchanged in 1.42), same inputs, one process.
+"""Aggregator speed and memory: ours against Flower's functions (1.42) on the same inputs, in one process.
 
     python -m benchmarks.aggregators            # n in {10, 50, 100} x d in {1e5, 1e6}
     python -m benchmarks.aggregators --quick    # n in {10, 50} x d = 1e5

@@ -1,4 +1,4 @@
-"""Aggregators against their definitions, against Flower's own functions (1.41; unchanged in 1.42), and their
+"""Aggregators against their definitions, against Flower's own functions (1.42, unchanged since 1.41), and their
 properties."""
 
 from __future__ import annotations
