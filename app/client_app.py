@@ -104,8 +104,9 @@ class DittoClient(NumPyClient):
         self.malicious = partition_id in attackers(cfg)
         self.objective = objective(cfg.dataset)
         self.device = resolve_device(str(cfg.device))
-        self._build = lambda: build_model(cfg.dataset.model, federation.input_shape, federation.num_classes,
-                                          cfg.seed).to(self.device)
+        self._build = lambda: build_model(
+            cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed
+        ).to(self.device)
         self.x_train, self.y_train, self.x_test, self.y_test, self.lam = placed_data(cfg, partition_id, self.device)
 
     def generator(self, server_round: int, stream: ditto.Stream) -> torch.Generator:
@@ -131,20 +132,26 @@ class DittoClient(NumPyClient):
         ditto.seed_global_rng(self.cfg.seed, self.partition_id, server_round)
         global_model = self._build()
         set_weights(global_model, parameters)
-        metrics: dict[str, Scalar] = {"partition_id": self.partition_id,
-                                      **self.method.fit_metrics(self, global_model)}
+        metrics: dict[str, Scalar] = {"partition_id": self.partition_id, **self.method.fit_metrics(self, global_model)}
         keeps = self.method.keeps_personal
         stored = self.store.load(upto=server_round - 1) if keeps else None
         personal = self._personal_models(stored) if keeps else []
-        steps = dict(steps=self.cfg.local_steps, batch_size=self.cfg.batch_size, lr=float(self.cfg.lr),
-                     loss_fn=self.objective, generator=self.generator(server_round, ditto.Stream.BATCHES))
+        steps = dict(
+            steps=self.cfg.local_steps,
+            batch_size=self.cfg.batch_size,
+            lr=float(self.cfg.lr),
+            loss_fn=self.objective,
+            generator=self.generator(server_round, ditto.Stream.BATCHES),
+        )
         chosen = self.method.train_round(self, global_model, personal, steps)
         if keeps:
             checkpoint = config.get("checkpoint_round")
             lineage = (*(stored.trained_rounds if stored is not None else ()), server_round)
             weights = [a for m in personal for a in get_weights(m)]
-            self.store.save(DeviceState(server_round, weights, self.method.lam_counts(self, stored, chosen), lineage),
-                            checkpoint_round=None if checkpoint is None else int(checkpoint))
+            self.store.save(
+                DeviceState(server_round, weights, self.method.lam_counts(self, stored, chosen), lineage),
+                checkpoint_round=None if checkpoint is None else int(checkpoint),
+            )
         if self.method.trains_global:
             update = [w - w0 for w, w0 in zip(get_weights(global_model), parameters)]
         else:
@@ -171,7 +178,8 @@ class DittoClient(NumPyClient):
         personal = self._personal_models(stored) if keeps else []
         for kind, scored in self.method.evaluated(self, model, personal, server_round).items():
             metrics[f"correct_{kind}"], metrics[f"loss_{kind}"] = ditto.evaluate(
-                scored, self.x_test, self.y_test, self.objective)
+                scored, self.x_test, self.y_test, self.objective
+            )
         if keeps:  # the round its personal model last trained in (0: never), how often
             metrics["personal_round"] = 0 if stored is None else stored.round
             metrics["personal_updates"] = 0 if stored is None else len(stored.trained_rounds)
@@ -184,7 +192,7 @@ def _partition_id(context: Context, cfg: DictConfig) -> int:
         pid = int(context.node_config["partition-id"])
     except KeyError:
         raise RuntimeError(
-            "this node has no partition-id: start it with --node-config \"partition-id=K num-partitions=N\""
+            'this node has no partition-id: start it with --node-config "partition-id=K num-partitions=N"'
         ) from None
     if not 0 <= pid < cfg.num_clients:
         raise RuntimeError(f"partition-id={pid} is outside 0..{cfg.num_clients - 1} (num_clients={cfg.num_clients})")
@@ -198,8 +206,10 @@ def personal_store(context: Context, cfg: DictConfig, partition_id: int, out_dir
         return MemoryStore(context.state)
     root = str(context.node_config.get("state-dir", "") or cfg.state_dir or "")
     if not root and out_dir is None:
-        raise RuntimeError("personal_state=disk needs a folder: start the node with --node-config \"... "
-                           "state-dir=DIR\", or set state_dir=DIR, or give the run an output-dir")
+        raise RuntimeError(
+            'personal_state=disk needs a folder: start the node with --node-config "... '
+            'state-dir=DIR", or set state_dir=DIR, or give the run an output-dir'
+        )
     return DiskStore(Path(root or Path(out_dir) / "personal_state") / f"device-{partition_id}")
 
 

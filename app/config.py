@@ -20,8 +20,18 @@ from app.device import device_problem
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_DIR / "conf"
 # keys that say how a run was executed, not what it computed: equal results whatever their values
-EXECUTION_KEYS = frozenset({"personal_state", "state_dir", "checkpoint_every", "resume", "ray_address", "round_timeout",
-                            "verbose", "skip_done"})
+EXECUTION_KEYS = frozenset(
+    {
+        "personal_state",
+        "state_dir",
+        "checkpoint_every",
+        "resume",
+        "ray_address",
+        "round_timeout",
+        "verbose",
+        "skip_done",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -115,15 +125,25 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "checkpoint_every", _int(0), "an integer >= 0 (0: no checkpoint)")
     _check(cfg, "resume", lambda v: isinstance(v, bool), "true or false")
     _check(cfg, "max_update_norm", lambda v: v is None or _real(0, lo_open=True)(v), "null (no bound) or a number > 0")
-    _check(cfg, "ray_address", lambda v: v is None or (isinstance(v, str) and (v == "auto" or _host_port(v))),
-           "null (a private Ray instance), auto, or the HOST:PORT of an existing Ray cluster's head")
+    _check(
+        cfg,
+        "ray_address",
+        lambda v: v is None or (isinstance(v, str) and (v == "auto" or _host_port(v))),
+        "null (a private Ray instance), auto, or the HOST:PORT of an existing Ray cluster's head",
+    )
     _check(cfg, "round_timeout", lambda v: v is None or _real(0, lo_open=True)(v), "null (wait for all) or seconds > 0")
-    _check(cfg, "device_keys", lambda v: v is None or (isinstance(v, str) and Path(v).is_absolute()),
-           "null (a node is the device it says) or the absolute path of a JSON file of device keys")
+    _check(
+        cfg,
+        "device_keys",
+        lambda v: v is None or (isinstance(v, str) and Path(v).is_absolute()),
+        "null (a node is the device it says) or the absolute path of a JSON file of device keys",
+    )
     _check(cfg, "client_num_gpus", _real(0), "a number >= 0 (0.25: four actors per GPU; 0: no GPU share)")
     if cfg.client_num_gpus > 0 and cfg.ray_address is None and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'client_num_gpus' = {cfg.client_num_gpus!r} is not allowed here: this machine "
-                          "has no CUDA device for Ray to share (the actors would wait forever). Set client_num_gpus=0.")
+        raise ConfigError(
+            f"config key 'client_num_gpus' = {cfg.client_num_gpus!r} is not allowed here: this machine "
+            "has no CUDA device for Ray to share (the actors would wait forever). Set client_num_gpus=0."
+        )
     device_error = device_problem(OmegaConf.select(cfg, "device", default=None))
     _check(cfg, "device", lambda v: device_error is None, device_error or "")
     _check(cfg, "deterministic", lambda v: isinstance(v, bool), "true or false")
@@ -164,9 +184,11 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg, "dataset.num_attackers", _int(0, cfg.num_clients - 1), "an integer from 0 to num_clients - 1")
         _check(cfg, "dataset.model", lambda v: v == "mean", "mean (the point estimate)")
         if cfg.attack.name != "none":
-            raise ConfigError(f"config key 'attack' = {cfg.attack.name!r} is not allowed with dataset=gaussian_mean; "
-                              "allowed: none (its attackers are in its data: dataset.num_attackers, dataset.tau_a). "
-                              "Set it as attack=none.")
+            raise ConfigError(
+                f"config key 'attack' = {cfg.attack.name!r} is not allowed with dataset=gaussian_mean; "
+                "allowed: none (its attackers are in its data: dataset.num_attackers, dataset.tau_a). "
+                "Set it as attack=none."
+            )
     else:
         _check(cfg, "dataset.model", lambda v: v != "mean", "a classifier (mean is for dataset=gaussian_mean)")
 
@@ -175,8 +197,12 @@ def validate(cfg: DictConfig) -> None:
     if "corrupt_labels" in cfg.attack:
         _check(cfg, "attack.corrupt_labels", lambda v: isinstance(v, bool), "true or false")
     if "boost" in cfg.attack:
-        _check(cfg, "attack.boost", lambda v: v is None or _real(0, lo_open=True)(v),
-               "null (= clients_per_round) or a number > 0")
+        _check(
+            cfg,
+            "attack.boost",
+            lambda v: v is None or _real(0, lo_open=True)(v),
+            "null (= clients_per_round) or a number > 0",
+        )
     if "scale" in cfg.attack:
         _check(cfg, "attack.scale", _real(0, lo_open=True), "a number > 0")
     if "z" in cfg.attack:
@@ -207,9 +233,12 @@ def validate(cfg: DictConfig) -> None:
 
     _choice(cfg, "method.name", METHODS, "method")
     method_options = {
-        "lam": (_lam, "a number >= 0 (0: local training; large: close to the global model), auto, or (method=ditto) "
-                "a list of distinct numbers >= 0 such as [0.1,1]: one personal model per lam on the same global "
-                "run. auto runs on its own: it holds out validation data from the global model's training too"),
+        "lam": (
+            _lam,
+            "a number >= 0 (0: local training; large: close to the global model), auto, or (method=ditto) "
+            "a list of distinct numbers >= 0 such as [0.1,1]: one personal model per lam on the same global "
+            "run. auto runs on its own: it holds out validation data from the global model's training too",
+        ),
         "strong_attack": (lambda v: isinstance(v, bool), "true or false"),
         "val_fraction": (_real(0, 1, lo_open=True, hi_open=True), "a number in (0, 1)"),
         "val_split": (lambda v: v in ("last", "random"), "last (official) or random"),
@@ -223,25 +252,33 @@ def validate(cfg: DictConfig) -> None:
             _check(cfg, f"method.{option}", ok, allowed)
     lam = cfg.method.get("lam")
     if isinstance(lam, Sequence) and not isinstance(lam, str) and cfg.method.name != "ditto":
-        raise ConfigError(f"config key 'method.lam' = {list(lam)!r} is not allowed with method={cfg.method.name}: a "
-                          "lam list trains one Ditto personal model per lam. Use method=ditto, or a single lam.")
+        raise ConfigError(
+            f"config key 'method.lam' = {list(lam)!r} is not allowed with method={cfg.method.name}: a "
+            "lam list trains one Ditto personal model per lam. Use method=ditto, or a single lam."
+        )
     if cfg.resume and cfg.personal_state != "disk" and METHODS[cfg.method.name].keeps_personal:
-        raise ConfigError("config key 'resume' = True is not allowed with personal_state='memory': personal models "
-                          "in memory do not outlive the run. Set personal_state=disk (before the run to resume).")
+        raise ConfigError(
+            "config key 'resume' = True is not allowed with personal_state='memory': personal models "
+            "in memory do not outlive the run. Set personal_state=disk (before the run to resume)."
+        )
 
 
 def check_flwr_run(cfg: DictConfig) -> None:
     """Refuse the keys that only the Hydra entry point can apply: under `flwr run .` Flower starts the engine
     before the app sees its config."""
     if cfg.ray_address is not None:
-        raise ConfigError(f"config key 'ray_address' = {cfg.ray_address!r} is not allowed with flwr run: Flower "
-                          "starts its simulation engine before the app reads its config. Run python -m app.simulate "
-                          "ray_address=... instead, or leave ray_address=null.")
+        raise ConfigError(
+            f"config key 'ray_address' = {cfg.ray_address!r} is not allowed with flwr run: Flower "
+            "starts its simulation engine before the app reads its config. Run python -m app.simulate "
+            "ray_address=... instead, or leave ray_address=null."
+        )
     if cfg.client_num_gpus > 0:
-        raise ConfigError(f"config key 'client_num_gpus' = {cfg.client_num_gpus!r} is not allowed with flwr run: "
-                          "Flower sizes its actors before the app reads its config. Pass --federation-config "
-                          f"\"client-resources-num-gpus={cfg.client_num_gpus}\" to flwr run instead, or leave "
-                          "client_num_gpus=0.")
+        raise ConfigError(
+            f"config key 'client_num_gpus' = {cfg.client_num_gpus!r} is not allowed with flwr run: "
+            "Flower sizes its actors before the app reads its config. Pass --federation-config "
+            f'"client-resources-num-gpus={cfg.client_num_gpus}" to flwr run instead, or leave '
+            "client_num_gpus=0."
+        )
 
 
 def main(argv: Sequence[str]) -> int:

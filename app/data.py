@@ -187,12 +187,20 @@ def partition_indices(labels: np.ndarray, dataset: DictConfig, num_clients: int,
     table = Dataset.from_dict({"label": labels[order], "index": order})
     partitioner = _flwr_partitioner(dataset, num_clients, seed)
     partitioner.dataset = table
-    return _check_sizes([np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
-                         for i in range(num_clients)], "use fewer num_clients or another dataset.partitioner/alpha")
+    return _check_sizes(
+        [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_clients)],
+        "use fewer num_clients or another dataset.partitioner/alpha",
+    )
 
 
-def split_pool(labels: np.ndarray, num_classes: int, dataset: DictConfig, num_clients: int, seed: int,
-               is_test: np.ndarray | None = None) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+def split_pool(
+    labels: np.ndarray,
+    num_classes: int,
+    dataset: DictConfig,
+    num_clients: int,
+    seed: int,
+    is_test: np.ndarray | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """(training indices per device, test indices per device, or None when each device is split later). The
     consecutive partition deals from a training and a test pool: `is_test` (the table's test split) or a seeded
     `test_fraction` of each class."""
@@ -203,15 +211,22 @@ def split_pool(labels: np.ndarray, num_classes: int, dataset: DictConfig, num_cl
     for pool, mask in (("training pool", ~is_test), ("test pool", is_test)):
         require_split_classes(labels[mask], num_classes, str(dataset.name), pool)
     partition_seed = dataset.get("partition_seed")
-    return consecutive_partition(labels, is_test, num_clients, int(dataset.classes_per_client),
-                                 seed if partition_seed is None else int(partition_seed))
+    return consecutive_partition(
+        labels,
+        is_test,
+        num_clients,
+        int(dataset.classes_per_client),
+        seed if partition_seed is None else int(partition_seed),
+    )
 
 
 def choose_devices(ids: Sequence, num_clients: int, seed: int, what: str) -> list:
     """`num_clients` of a natural federation's device ids: all of them in order, or a seeded subset (kept in order)."""
     if num_clients > len(ids):
-        raise ValueError(f"num_clients={num_clients} but this federation has only {len(ids)} {what}: "
-                         f"set num_clients to at most {len(ids)}")
+        raise ValueError(
+            f"num_clients={num_clients} but this federation has only {len(ids)} {what}: "
+            f"set num_clients to at most {len(ids)}"
+        )
     if num_clients == len(ids):
         return list(ids)
     chosen = np.sort(np.random.default_rng([seed, 0xD3F1CE]).choice(len(ids), size=num_clients, replace=False))
@@ -225,8 +240,9 @@ def natural_partition(ids: np.ndarray) -> list[np.ndarray]:
 
     partitioner = NaturalIdPartitioner(partition_by="device")
     partitioner.dataset = Dataset.from_dict({"device": ids.tolist(), "index": np.arange(len(ids))})
-    return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
-            for i in range(partitioner.num_partitions)]
+    return [
+        np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(partitioner.num_partitions)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------- sources
@@ -245,13 +261,17 @@ def data_file(dataset: DictConfig, filename: str) -> Path:
     """`filename` in `dataset.data_dir` (relative paths are taken from the project folder)."""
     root = dataset.get("data_dir")
     if not root:
-        raise DataUnavailable(f"dataset '{dataset.name}' reads {filename} from dataset.data_dir, which is not set: "
-                              f"set dataset.data_dir=DIR or the environment variable DITTO_DATA_DIR")
+        raise DataUnavailable(
+            f"dataset '{dataset.name}' reads {filename} from dataset.data_dir, which is not set: "
+            f"set dataset.data_dir=DIR or the environment variable DITTO_DATA_DIR"
+        )
     path = Path(str(root)).expanduser()
     path = (path if path.is_absolute() else PROJECT_DIR / path) / filename
     if not path.is_file():
-        raise DataUnavailable(f"dataset '{dataset.name}': {path} not found. Set dataset.data_dir=DIR to a folder that "
-                              f"holds {filename} (or DITTO_DATA_DIR to the folder above it)")
+        raise DataUnavailable(
+            f"dataset '{dataset.name}': {path} not found. Set dataset.data_dir=DIR to a folder that "
+            f"holds {filename} (or DITTO_DATA_DIR to the folder above it)"
+        )
     return path
 
 
@@ -276,8 +296,10 @@ def _vehicle(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     ys = [(users[u][1] > 0).astype(np.int64) for u in chosen]
     small = [u for u, y in zip(chosen, ys) if len(y) < 2]
     if small:
-        raise DataError(f"dataset '{dataset.name}', file {path}, devices {small}: fewer than 2 samples, expected at "
-                        "least 2 (one to train on, one to test on).")
+        raise DataError(
+            f"dataset '{dataset.name}', file {path}, devices {small}: fewer than 2 samples, expected at "
+            "least 2 (one to train on, one to test on)."
+        )
     bounds = np.cumsum([0, *map(len, ys)])
     parts = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     return Pool(np.concatenate(xs).astype(np.float32), np.concatenate(ys), 2, parts)
@@ -314,8 +336,10 @@ def _gaussian_device_means(dataset: DictConfig, num_clients: int, rng: np.random
     `attackers: shift` (a colluding mean shift): theta_k = theta + tau z_k + tau_a in every coordinate."""
     attackers, k_a, d = str(dataset.attackers), int(dataset.num_attackers), int(dataset.dim)
     if attackers not in ("variance", "shift"):
-        raise ValueError(f"config key 'dataset.attackers' = {attackers!r} is not allowed; allowed: variance (the "
-                         "paper's: attackers' means drawn with spread tau_a) or shift (their means shifted by tau_a)")
+        raise ValueError(
+            f"config key 'dataset.attackers' = {attackers!r} is not allowed; allowed: variance (the "
+            "paper's: attackers' means drawn with spread tau_a) or shift (their means shifted by tau_a)"
+        )
     theta = rng.normal(0, 1, d)
     spread = np.full((num_clients, 1), float(dataset.tau))
     if attackers == "variance":
@@ -333,10 +357,15 @@ def _gaussian_mean(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     rng = np.random.default_rng([seed, 0x6A55])
     d, n, n_test = int(dataset.dim), int(dataset.samples), int(dataset.test_samples)
     means = _gaussian_device_means(dataset, num_clients, rng)
-    y = (means[:, None, :] + float(dataset.sigma) * rng.standard_normal((num_clients, n + n_test, d)))
+    y = means[:, None, :] + float(dataset.sigma) * rng.standard_normal((num_clients, n + n_test, d))
     starts = np.arange(num_clients) * (n + n_test)
-    return Pool(np.zeros((num_clients * (n + n_test), 1), dtype=np.float32), y.reshape(-1, d).astype(np.float32), d,
-                [s + np.arange(n) for s in starts], [s + n + np.arange(n_test) for s in starts])
+    return Pool(
+        np.zeros((num_clients * (n + n_test), 1), dtype=np.float32),
+        y.reshape(-1, d).astype(np.float32),
+        d,
+        [s + np.arange(n) for s in starts],
+        [s + n + np.arange(n_test) for s in starts],
+    )
 
 
 def hf_splits(dataset: DictConfig, required: Mapping[str, str]) -> tuple[dict, str]:
@@ -399,8 +428,7 @@ def _femnist(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     required = {"image": "image", "writer_id": "id", "character": "class"}
     table, parts, source = _natural(dataset, num_clients, seed, required, "writers")
     y = check_classes(column_values(table, "character"), 62, str(dataset.name), source, "character")
-    return Pool(_pixels(decode_images(table, "image", str(dataset.name), source, (28, 28), "L"), dataset), y, 62,
-                parts)
+    return Pool(_pixels(decode_images(table, "image", str(dataset.name), source, (28, 28), "L"), dataset), y, 62, parts)
 
 
 def _celeba(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
@@ -408,23 +436,30 @@ def _celeba(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     images resized to image_size, RGB, raw 0-255 by default as the official loader feeds them
     (flearn/utils/model_utils.py:59-65)."""
     target, size = str(dataset.target), int(dataset.image_size)
-    table, parts, source = _natural(dataset, num_clients, seed, {"image": "image", "celeb_id": "id",
-                                                                  target: "binary"}, "celebrities")
+    table, parts, source = _natural(
+        dataset, num_clients, seed, {"image": "image", "celeb_id": "id", target: "binary"}, "celebrities"
+    )
     y = check_binary(column_values(table, target), str(dataset.name), source, target)
     x = decode_images(table, "image", str(dataset.name), source, (size, size, 3), "RGB", size)
     return Pool(_pixels(x, dataset), y, 2, parts)
 
 
-def _pooled_images(dataset: DictConfig, column: str, shape: tuple[int, ...],
-                   mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pooled_images(
+    dataset: DictConfig, column: str, shape: tuple[int, ...], mode: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All images (uint8, checked to be `shape`) and labels (0..9) of every split, and whether each row is in the
     table's test split."""
     splits, source = hf_splits(dataset, {column: "image", "label": "class"})
     names = sorted(splits)
-    x = np.concatenate([decode_images(splits[n], column, str(dataset.name), f"{source}, split '{n}'", shape, mode)
-                        for n in names])
-    y = np.concatenate([check_classes(column_values(splits[n], "label"), 10, str(dataset.name),
-                                      f"{source}, split '{n}'", "label") for n in names])
+    x = np.concatenate(
+        [decode_images(splits[n], column, str(dataset.name), f"{source}, split '{n}'", shape, mode) for n in names]
+    )
+    y = np.concatenate(
+        [
+            check_classes(column_values(splits[n], "label"), 10, str(dataset.name), f"{source}, split '{n}'", "label")
+            for n in names
+        ]
+    )
     is_test = np.concatenate([np.full(len(splits[n]), n == "test") for n in names])
     return x, y, is_test
 
@@ -446,8 +481,9 @@ def _fashion_mnist(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
 def _cifar10(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
     """CIFAR-10 (columns img 32x32 RGB, label 0..9), all splits pooled; pixels in [0, 1]."""
     x, y, is_test = _pooled_images(dataset, "img", (32, 32, 3), "RGB")
-    return Pool(_pixels(x, dataset), y, 10, *split_pool(y, 10, dataset, num_clients, seed,
-                                                        is_test if is_test.any() else None))
+    return Pool(
+        _pixels(x, dataset), y, 10, *split_pool(y, 10, dataset, num_clients, seed, is_test if is_test.any() else None)
+    )
 
 
 FAKE_IMAGE_SHAPES = {"cifar10": (3, 32, 32), "femnist": (1, 28, 28)}  # dataset.like -> one image's shape

@@ -65,12 +65,16 @@ def make_credentials(directory: Path, num_nodes: int, host: str = "127.0.0.1", d
     now = dt.datetime.now(dt.timezone.utc)
 
     def cert(subject: str, key, issuer: str, issuer_key, *, ca: bool, sans: list[x509.GeneralName] = ()):
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         return builder.sign(issuer_key, hashes.SHA256())
@@ -98,7 +102,8 @@ def make_credentials(directory: Path, num_nodes: int, host: str = "127.0.0.1", d
         path = directory / f"node-{k}"
         write_key(key, path, serialization.PrivateFormat.OpenSSH)
         path.with_suffix(".pub").write_bytes(
-            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        )
         creds.node_keys.append(path)
     return creds
 
@@ -147,8 +152,16 @@ class LocalDeployment:
     valid key), and `device_keys` names the file binding device k to key k. `node_config` adds to the node config
     of the devices it names (e.g. `rogue="forge-evaluation"`, app/rogue.py)."""
 
-    def __init__(self, workdir: Path, num_nodes: int, *, tls: bool = False, host: str = "127.0.0.1",
-                 spare_keys: int = 0, node_config: dict[int, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        num_nodes: int,
+        *,
+        tls: bool = False,
+        host: str = "127.0.0.1",
+        spare_keys: int = 0,
+        node_config: dict[int, str] | None = None,
+    ) -> None:
         self.workdir = Path(workdir).resolve()
         self.num_nodes = num_nodes
         self.tls = tls
@@ -171,8 +184,15 @@ class LocalDeployment:
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log(name), "ab") as log:
-            proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self._started.append(proc.pid)
         return proc
 
@@ -190,18 +210,39 @@ class LocalDeployment:
     def start(self) -> None:
         """Start the SuperLink, write the connection, register the node keys (TLS) and start every node."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        security = ["--insecure"] if self.creds is None else [
-            "--ssl-ca-certfile", str(self.creds.ca_cert), "--ssl-certfile", str(self.creds.server_cert),
-            "--ssl-keyfile", str(self.creds.server_key), "--enable-supernode-auth"]
-        self.superlink = self._start("superlink", [
-            "flower-superlink", *security, "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.workdir / "superlink.db"), "--disable-runtime-dependency-installation"])
+        security = (
+            ["--insecure"]
+            if self.creds is None
+            else [
+                "--ssl-ca-certfile",
+                str(self.creds.ca_cert),
+                "--ssl-certfile",
+                str(self.creds.server_cert),
+                "--ssl-keyfile",
+                str(self.creds.server_key),
+                "--enable-supernode-auth",
+            ]
+        )
+        self.superlink = self._start(
+            "superlink",
+            [
+                "flower-superlink",
+                *security,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.workdir / "superlink.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         wait_for_port(self.port, 60, self.superlink, self.log("superlink"))
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        security_line = ("insecure = true" if self.creds is None
-                         else f'root-certificates = "{self.creds.ca_cert}"')
+        security_line = "insecure = true" if self.creds is None else f'root-certificates = "{self.creds.ca_cert}"'
         (self.flwr_home / "config.toml").write_text(
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n{security_line}\n')
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n{security_line}\n'
+        )
         if self.creds is not None:
             for key in self.creds.node_keys:
                 self.flwr("supernode", "register", str(key.with_suffix(".pub")), CONNECTION)
@@ -211,8 +252,9 @@ class LocalDeployment:
 
     def flwr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """A `flwr` CLI command against this deployment."""
-        out = subprocess.run(["flwr", *args], cwd=PROJECT_DIR, env=self.env, capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(
+            ["flwr", *args], cwd=PROJECT_DIR, env=self.env, capture_output=True, text=True, timeout=120
+        )
         if check and out.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed: {(out.stdout + out.stderr).strip()[-2000:]}")
         return out
@@ -220,15 +262,34 @@ class LocalDeployment:
     def start_node(self, k: int, key: Path | None = None, name: str | None = None) -> subprocess.Popen:
         """Start the SuperNode of device `k` (TLS: with node key `key`, by default its own registered one); a
         `name`d node (an intruder, an impostor) claims device `k` from its own state-dir and log."""
-        security = ["--insecure"] if self.creds is None else [
-            "--root-certificates", str(self.creds.ca_cert),
-            "--auth-supernode-private-key", str(key or self.creds.node_keys[k])]
+        security = (
+            ["--insecure"]
+            if self.creds is None
+            else [
+                "--root-certificates",
+                str(self.creds.ca_cert),
+                "--auth-supernode-private-key",
+                str(key or self.creds.node_keys[k]),
+            ]
+        )
         state_dir = self.state_dir(k) if name is None else self.workdir / "state" / name
         extra = "" if name is not None or k not in self.node_config else f" {self.node_config[k]}"
         node_config = f'partition-id={k} num-partitions={self.num_nodes} state-dir="{state_dir}"{extra}'
-        proc = self._start(name or f"node-{k}", [
-            "flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
-            "--port", str(free_port()), "--node-config", node_config])
+        proc = self._start(
+            name or f"node-{k}",
+            [
+                "flower-supernode",
+                *security,
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
+            ],
+        )
         if name is None:
             self.nodes[k] = proc
         return proc
@@ -264,12 +325,17 @@ class LocalDeployment:
             time.sleep(2)
         raise RuntimeError(f"device {k}'s SuperNode was not let back in before the deadline: see {log}")
 
-    def run(self, overrides: Sequence[str], output_dir: Path, timeout: float | None = None,
-            echo: bool = True) -> Path:
+    def run(self, overrides: Sequence[str], output_dir: Path, timeout: float | None = None, echo: bool = True) -> Path:
         """`flwr run . deployment` of the experiment `overrides` (under the deployment's defaults); the path of its
         results.json."""
-        return run_flwr(deployment_overrides(overrides), output_dir, flwr_home=self.flwr_home, timeout=timeout,
-                        echo=echo, connection=CONNECTION)
+        return run_flwr(
+            deployment_overrides(overrides),
+            output_dir,
+            flwr_home=self.flwr_home,
+            timeout=timeout,
+            echo=echo,
+            connection=CONNECTION,
+        )
 
     def stop_all(self) -> None:
         """Stop every process this deployment started, with its children, by pid."""
@@ -303,8 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--host", default="127.0.0.1", help="the SuperLink's address as nodes see it (SAN)")
         args = parser.parse_args(argv[1:])
         creds = make_credentials(args.directory, args.nodes, args.host)
-        print(f"CA {creds.ca_cert}\nSuperLink certificate {creds.server_cert}, key {creds.server_key}\n"
-              f"node keys {creds.node_keys[0]} ... {creds.node_keys[-1]} (public keys: .pub)")
+        print(
+            f"CA {creds.ca_cert}\nSuperLink certificate {creds.server_cert}, key {creds.server_key}\n"
+            f"node keys {creds.node_keys[0]} ... {creds.node_keys[-1]} (public keys: .pub)"
+        )
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. num_clients=5 num_rounds=10")
@@ -326,14 +394,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         with LocalDeployment(workdir, nodes, tls=args.tls, host=args.host) as deployment:
-            print(f"SuperLink on 127.0.0.1:{deployment.port}, {nodes} SuperNodes; logs in {workdir / 'logs'}",
-                  flush=True)
+            print(
+                f"SuperLink on 127.0.0.1:{deployment.port}, {nodes} SuperNodes; logs in {workdir / 'logs'}", flush=True
+            )
             path = deployment.run(overrides, workdir / "results")
     except Exception as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"\n{format_table(json.loads(path.read_text())['final'])}\n\nresults: {path.parent}; personal models: "
-          f"{workdir / 'state'}  (wall time {time.perf_counter() - start:.0f} s)")
+    print(
+        f"\n{format_table(json.loads(path.read_text())['final'])}\n\nresults: {path.parent}; personal models: "
+        f"{workdir / 'state'}  (wall time {time.perf_counter() - start:.0f} s)"
+    )
     return 0
 
 

@@ -28,12 +28,16 @@ def device_problem(value: object) -> str | None:
         return f"one of {DEVICE_CHOICES}"
     if value.startswith("cuda"):
         if not torch.cuda.is_available():
-            return f"cpu or auto: this process sees no CUDA device (torch {torch.__version__}, " \
-                   f"torch.cuda.is_available() is False)"
+            return (
+                f"cpu or auto: this process sees no CUDA device (torch {torch.__version__}, "
+                f"torch.cuda.is_available() is False)"
+            )
         index = int(value.split(":")[1]) if ":" in value else 0
         if index >= torch.cuda.device_count():
-            return f"cuda:0 to cuda:{torch.cuda.device_count() - 1} (this process sees " \
-                   f"{torch.cuda.device_count()} CUDA devices), cpu or auto"
+            return (
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1} (this process sees "
+                f"{torch.cuda.device_count()} CUDA devices), cpu or auto"
+            )
     return None
 
 

@@ -78,8 +78,9 @@ def sgd_step(
     return float(loss.detach())
 
 
-def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator,
-                device: torch.device | None = None) -> Iterator[torch.Tensor]:
+def minibatches(
+    n: int, batch_size: int, steps: int, generator: torch.Generator, device: torch.device | None = None
+) -> Iterator[torch.Tensor]:
     """`steps` index batches that walk through seeded shuffles of range(n), reshuffling after each pass. Shuffles are
     drawn on the CPU (the same batches on every device) and moved to `device` once per pass, not per batch."""
     perm, pos = torch.randperm(n, generator=generator).to(device), 0
@@ -165,8 +166,19 @@ def local_round(
     """Train `global_model` (holding w^t on entry) and, if given, `personal_model` in place for one round; with
     `train_global=False` only the personal model trains (local training). Returns the lam of each personal step."""
     personal = [] if personal_model is None else [personal_model]
-    chosen = multi_lam_round(global_model, personal, [lam] * len(personal), x, y, steps=steps, batch_size=batch_size,
-                             lr=lr, loss_fn=loss_fn, generator=generator, train_global=train_global)
+    chosen = multi_lam_round(
+        global_model,
+        personal,
+        [lam] * len(personal),
+        x,
+        y,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        loss_fn=loss_fn,
+        generator=generator,
+        train_global=train_global,
+    )
     return chosen[0] if chosen else []
 
 

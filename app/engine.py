@@ -61,18 +61,23 @@ def _store(state: Any) -> tuple[dict, Any]:
     # and guards it with `lock` (an RLock); both are plain attributes set in its __init__.
     store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
     if not isinstance(state, InMemoryLinkState) or not isinstance(store, dict) or not hasattr(lock, "__enter__"):
-        raise EngineMismatch(f"the tuned dispatcher needs an InMemoryLinkState with a message_ins_store dict and a "
-                             f"lock; got {type(state).__name__}: run outside tuned_engine()")
+        raise EngineMismatch(
+            f"the tuned dispatcher needs an InMemoryLinkState with a message_ins_store dict and a "
+            f"lock; got {type(state).__name__}: run outside tuned_engine()"
+        )
     return store, lock
 
 
 # -- the assumptions, each checked on entry and tested in tests/test_engine.py ---------------------------------------
 
+
 def check_version() -> None:
     if flwr.__version__ not in CHECKED:
-        raise EngineMismatch(f"app/engine.py was checked against Flower {', '.join(CHECKED)}; this is Flower "
-                             f"{flwr.__version__}: re-read its dispatcher and grid, run tests/test_engine.py, then "
-                             "add the version to CHECKED")
+        raise EngineMismatch(
+            f"app/engine.py was checked against Flower {', '.join(CHECKED)}; this is Flower "
+            f"{flwr.__version__}: re-read its dispatcher and grid, run tests/test_engine.py, then "
+            "add the version to CHECKED"
+        )
 
 
 def check_dispatcher() -> None:
@@ -80,11 +85,14 @@ def check_dispatcher() -> None:
     # up when run_api runs, called as (state, queue, nodes_mapping, f_stop).
     original = getattr(vce_api, "add_messages_to_queue", None)
     if original is None or _params(original) != ["state", "queue", "nodes_mapping", "f_stop"]:
-        raise EngineMismatch("flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue"
-                             "(state, queue, nodes_mapping, f_stop) is gone")
+        raise EngineMismatch(
+            "flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue(state, queue, nodes_mapping, f_stop) is gone"
+        )
     if not _reads_global(getattr(vce_api, "run_api", None), "add_messages_to_queue"):
-        raise EngineMismatch("flwr.server.superlink.fleet.vce.vce_api.run_api no longer starts its dispatcher "
-                             "from the module global add_messages_to_queue")
+        raise EngineMismatch(
+            "flwr.server.superlink.fleet.vce.vce_api.run_api no longer starts its dispatcher "
+            "from the module global add_messages_to_queue"
+        )
 
 
 def check_grid() -> None:
@@ -92,12 +100,16 @@ def check_grid() -> None:
     # (imported from flwr.superlink.grid); the grid sleeps `self.pull_interval` between polls for replies.
     module = _run_simulation_module()
     if getattr(module, "InMemoryGrid", None) is not InMemoryGrid:
-        raise EngineMismatch("flwr.simulation.run_simulation.InMemoryGrid is not Flower's InMemoryGrid "
-                             "(already replaced: tuned_engine() does not nest)")
+        raise EngineMismatch(
+            "flwr.simulation.run_simulation.InMemoryGrid is not Flower's InMemoryGrid "
+            "(already replaced: tuned_engine() does not nest)"
+        )
     if not _reads_global(getattr(module, "_main_loop", None), "InMemoryGrid"):
         raise EngineMismatch("flwr.simulation.run_simulation._main_loop no longer builds the module's InMemoryGrid")
-    if _params(InMemoryGrid.__init__)[1:] != ["state_factory", "pull_interval"] or \
-            "pull_interval" not in InMemoryGrid.send_and_receive.__code__.co_names:
+    if (
+        _params(InMemoryGrid.__init__)[1:] != ["state_factory", "pull_interval"]
+        or "pull_interval" not in InMemoryGrid.send_and_receive.__code__.co_names
+    ):
         raise EngineMismatch("InMemoryGrid(state_factory, pull_interval) no longer polls every pull_interval")
 
 
@@ -109,8 +121,11 @@ def check_state() -> None:
         raise EngineMismatch("flwr.simulation.run_simulation._main_loop no longer uses the in-memory LinkState")
     if _params(InMemoryLinkState.get_message_ins)[1:3] != ["node_id", "limit"]:
         raise EngineMismatch("InMemoryLinkState.get_message_ins(node_id, limit) is gone")
-    _store(module.LinkStateFactory(module.FLWR_IN_MEMORY_DB_NAME, module.NoOpFederationManager(),
-                                   module.ObjectStoreFactory()).state())
+    _store(
+        module.LinkStateFactory(
+            module.FLWR_IN_MEMORY_DB_NAME, module.NoOpFederationManager(), module.ObjectStoreFactory()
+        ).state()
+    )
 
 
 ASSUMPTIONS = (check_version, check_dispatcher, check_grid, check_state)
@@ -129,6 +144,7 @@ def check_assumptions() -> None:
 
 
 # -- the tuning -----------------------------------------------------------------------------------------------------
+
 
 def pending_nodes(state: Any, nodes: Any) -> list[int]:
     """Nodes (of `nodes`) with an undelivered message in the in-memory `state`."""

@@ -11,8 +11,11 @@ import pandas as pd
 
 from app.summary import TUNED
 
-LABELS = {"benign_acc": "benign accuracy", "benign_std_acc": "std of benign per-device accuracy",
-          "benign_worst10_acc": "worst-10 % benign accuracy"}
+LABELS = {
+    "benign_acc": "benign accuracy",
+    "benign_std_acc": "std of benign per-device accuracy",
+    "benign_worst10_acc": "worst-10 % benign accuracy",
+}
 
 
 def _plt():
@@ -44,8 +47,7 @@ def panel_columns(summary: pd.DataFrame, setting: list[str]) -> list[str]:
     if "dataset.name" not in summary or summary.empty:
         return [c for c in setting if c in summary]
     within = summary.groupby("dataset.name", dropna=False)
-    return ["dataset.name", *(c for c in setting if c != "dataset.name"
-                              and within[c].nunique(dropna=False).max() > 1)]
+    return ["dataset.name", *(c for c in setting if c != "dataset.name" and within[c].nunique(dropna=False).max() > 1)]
 
 
 def _title(columns: list[str], key: tuple) -> str:
@@ -80,10 +82,23 @@ def plot_scatter(summary: pd.DataFrame, setting: list[str], path: Path) -> None:
         for _, p in shown.iterrows():
             one = shown[shown["label"] == p["label"]]
             marker = "*" if p["label"].startswith("ditto λ=") else "o"
-            ax.errorbar(one["benign_std_acc"], one["benign_acc"], xerr=_err(one, "benign_std_acc"),
-                        yerr=_err(one, "benign_acc"), fmt=marker, ms=11 if marker == "*" else 6, capsize=2, lw=0.8)
-            ax.annotate(p["label"], (p["benign_std_acc"], p["benign_acc"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.errorbar(
+                one["benign_std_acc"],
+                one["benign_acc"],
+                xerr=_err(one, "benign_std_acc"),
+                yerr=_err(one, "benign_acc"),
+                fmt=marker,
+                ms=11 if marker == "*" else 6,
+                capsize=2,
+                lw=0.8,
+            )
+            ax.annotate(
+                p["label"],
+                (p["benign_std_acc"], p["benign_acc"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set_xlabel("std of benign per-device accuracy (fairness: lower is better)")
         ax.set_ylabel("benign accuracy (robustness)")
         ax.set_title(_title(columns, key if isinstance(key, tuple) else (key,)) or "all runs", fontsize=9)
@@ -123,7 +138,7 @@ def plot_lambda(summary: pd.DataFrame, setting: list[str], path: Path) -> None:
     df = summary[summary["lam_value"].notna()] if "lam_value" in summary else summary.iloc[0:0]
     columns = [*panel_columns(summary, setting), "aggregator.name"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for key, curve in (df.groupby(columns, dropna=False) if not df.empty else []):
+    for key, curve in df.groupby(columns, dropna=False) if not df.empty else []:
         curve = curve.sort_values("lam_value")
         key = key if isinstance(key, tuple) else (key,)
         auto = summary[summary["label"] == f"ditto λ=auto ({key[-1]})"]
@@ -132,8 +147,9 @@ def plot_lambda(summary: pd.DataFrame, setting: list[str], path: Path) -> None:
         name = _title(columns, key)
         for ax, metric in zip(axes, ("benign_acc", "benign_std_acc")):
             (line,) = ax.plot(curve["lam_value"], curve[metric], "o-", ms=3, label=name)
-            ax.fill_between(curve["lam_value"], curve[f"{metric}_lo"], curve[f"{metric}_hi"], alpha=0.15,
-                            color=line.get_color())
+            ax.fill_between(
+                curve["lam_value"], curve[f"{metric}_lo"], curve[f"{metric}_hi"], alpha=0.15, color=line.get_color()
+            )
             if not auto.empty:
                 ax.axhline(auto[metric].iloc[0], ls="--", lw=0.8, color=line.get_color())
     for ax, metric in zip(axes, ("benign_acc", "benign_std_acc")):
@@ -154,4 +170,3 @@ def plot_per_device(devices: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("benign per-device accuracy")
     _save(fig, [], path)
-

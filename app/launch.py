@@ -74,15 +74,25 @@ def stop(pids: set[int], grace: float = 15.0) -> None:
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """The environment for Flower's CLI: the variables of DESIGN.md §3, FLWR_HOME, and this venv's bin on PATH."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home),
-            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    return {
+        **os.environ,
+        **FLOWER_ENV,
+        "FLWR_HOME": str(flwr_home),
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
 
 
 def run_status(run_id: str, env: dict[str, str], connection: str | None = None) -> tuple[str, str]:
     """(status, status-details) of a run, from `flwr list --format json`."""
     where = [] if connection is None else [connection]
-    out = subprocess.run(["flwr", "list", *where, "--run-id", run_id, "--format", "json"], env=env, cwd=PROJECT_DIR,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["flwr", "list", *where, "--run-id", run_id, "--format", "json"],
+        env=env,
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         run = json.loads(out.stdout)["runs"][0]
     except (ValueError, KeyError, IndexError):
@@ -90,8 +100,15 @@ def run_status(run_id: str, env: dict[str, str], connection: str | None = None) 
     return run["status"], run.get("status-details", "")
 
 
-def run_flwr(overrides: Sequence[str], output_dir: Path, *, flwr_home: Path | None = None,
-             timeout: float | None = None, echo: bool = True, connection: str | None = None) -> Path:
+def run_flwr(
+    overrides: Sequence[str],
+    output_dir: Path,
+    *,
+    flwr_home: Path | None = None,
+    timeout: float | None = None,
+    echo: bool = True,
+    connection: str | None = None,
+) -> Path:
     """Run the app with `flwr run .` and return the path of the results.json it wrote; raise RunFailed otherwise.
     Without `connection`, on a local simulation sized from the config; with it, on the SuperLink that the
     connection of that name in `flwr_home`/config.toml points at (a deployment)."""
@@ -104,15 +121,24 @@ def run_flwr(overrides: Sequence[str], output_dir: Path, *, flwr_home: Path | No
     env = flower_env(flwr_home)
     run_config = f"overrides={json.dumps(' '.join(overrides))} output-dir={json.dumps(str(output_dir))}"
     if connection is None:
-        cmd = ["flwr", "run", ".", "--stream", "-c", run_config,
-               "--federation-config", f"num-supernodes={cfg.num_clients} client-resources-num-cpus=1"]
+        cmd = [
+            "flwr",
+            "run",
+            ".",
+            "--stream",
+            "-c",
+            run_config,
+            "--federation-config",
+            f"num-supernodes={cfg.num_clients} client-resources-num-cpus=1",
+        ]
     else:
         cmd = ["flwr", "run", ".", connection, "--stream", "-c", run_config]
     before = superlink_pids(flwr_home)
     run_id = None
     try:
-        with subprocess.Popen(cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) as proc:
+        with subprocess.Popen(
+            cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc:
             deadline = None if timeout is None else time.monotonic() + timeout
             for line in proc.stdout:
                 if echo:
@@ -138,8 +164,9 @@ def run_flwr(overrides: Sequence[str], output_dir: Path, *, flwr_home: Path | No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. attack=none method.lam=0.5")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where results go (default: outputs/flwr/<timestamp>)")
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where results go (default: outputs/flwr/<timestamp>)"
+    )
     args = parser.parse_args(argv)
     out = args.output_dir or PROJECT_DIR / "outputs" / "flwr" / time.strftime("%Y-%m-%d_%H-%M-%S")
     if shutil.which("flwr", path=flower_env(PROJECT_DIR)["PATH"]) is None:

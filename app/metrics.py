@@ -11,8 +11,14 @@ import math
 
 import numpy as np
 
-SUMMARY_KEYS = ("benign_acc", "benign_mean_acc", "benign_std_acc", "benign_var_acc", "benign_worst10_acc",
-                "malicious_acc")
+SUMMARY_KEYS = (
+    "benign_acc",
+    "benign_mean_acc",
+    "benign_std_acc",
+    "benign_var_acc",
+    "benign_worst10_acc",
+    "malicious_acc",
+)
 
 
 def worst_fraction_mean(acc: np.ndarray, fraction: float = 0.1) -> float:

@@ -103,8 +103,14 @@ def _conv_stack(shape: Shape, body: nn.Sequential, head: Callable[[int], list[nn
 
 
 def _cnn_small(shape: Shape, num_classes: int) -> nn.Module:
-    body = nn.Sequential(nn.Conv2d(shape[0], 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    body = nn.Sequential(
+        nn.Conv2d(shape[0], 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
     return _conv_stack(shape, body, lambda n: [nn.Linear(n, num_classes)])
 
 
@@ -112,24 +118,45 @@ def _cnn_femnist(shape: Shape, num_classes: int) -> nn.Module:
     """conv 5x5 16 -> pool -> conv 5x5 32 -> pool -> dropout 0.25 -> dense 128 -> dropout 0.5 -> classes, as the
     official model (litian96/ditto flearn/models/femnist/cnn.py lines 40-58: keep_prob 0.75 after the second pool,
     0.5 after the dense layer)."""
-    body = nn.Sequential(nn.Conv2d(shape[0], 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25))
-    return _conv_stack(shape, body, lambda n: [nn.Linear(n, 128), nn.ReLU(), nn.Dropout(0.5),
-                                               nn.Linear(128, num_classes)])
+    body = nn.Sequential(
+        nn.Conv2d(shape[0], 16, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.25),
+    )
+    return _conv_stack(
+        shape, body, lambda n: [nn.Linear(n, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, num_classes)]
+    )
 
 
 def _cnn_fmnist(shape: Shape, num_classes: int) -> nn.Module:
     """conv 5x5 32 -> pool -> conv 5x5 64 -> pool -> dense 1024 -> classes."""
-    body = nn.Sequential(nn.Conv2d(shape[0], 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+    body = nn.Sequential(
+        nn.Conv2d(shape[0], 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
     return _conv_stack(shape, body, lambda n: [nn.Linear(n, 1024), nn.ReLU(), nn.Linear(1024, num_classes)])
 
 
 def _cnn_cifar(shape: Shape, num_classes: int) -> nn.Module:
     """3 x conv 3x3 (32, 64, 64) with two pools -> dense 64 -> classes."""
-    body = nn.Sequential(nn.Conv2d(shape[0], 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(64, 64, 3), nn.ReLU())
+    body = nn.Sequential(
+        nn.Conv2d(shape[0], 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3),
+        nn.ReLU(),
+    )
     return _conv_stack(shape, body, lambda n: [nn.Linear(n, 64), nn.ReLU(), nn.Linear(64, num_classes)])
 
 
@@ -142,8 +169,12 @@ def _cnn_celeba(shape: Shape, num_classes: int) -> nn.Module:
     layers: list[nn.Module] = []
     channels = shape[0]
     for _ in range(4):
-        layers += [nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32, track_running_stats=False),
-                   nn.MaxPool2d(2, ceil_mode=True), nn.ReLU()]
+        layers += [
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.BatchNorm2d(32, track_running_stats=False),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.ReLU(),
+        ]
         channels = 32
     return _conv_stack(shape, nn.Sequential(*layers), lambda n: [nn.Linear(n, num_classes)])
 

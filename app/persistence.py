@@ -69,8 +69,12 @@ class MemoryStore:
             return None
         counts = self.record[LAM_COUNTS_KEY].to_numpy_ndarrays()[0] if LAM_COUNTS_KEY in self.record else None
         meta = self.record[META_KEY]
-        return DeviceState(int(meta["round"]), self.record[PERSONAL_KEY].to_numpy_ndarrays(), counts,
-                           tuple(int(r) for r in meta["trained_rounds"]))
+        return DeviceState(
+            int(meta["round"]),
+            self.record[PERSONAL_KEY].to_numpy_ndarrays(),
+            counts,
+            tuple(int(r) for r in meta["trained_rounds"]),
+        )
 
     def save(self, state: DeviceState, checkpoint_round: int | None = None) -> None:
         self.record[PERSONAL_KEY] = ArrayRecord(numpy_ndarrays=state.personal)
@@ -115,13 +119,21 @@ class DiskStore:
                 state = _read_version(path, version)
             except CorruptVersion as err:
                 path.rename(path.with_name(path.name + ".corrupt"))
-                log(WARNING, "%s is corrupted (%s): set aside as %s.corrupt; falling back to the version before it",
-                    path, err, path.name)
+                log(
+                    WARNING,
+                    "%s is corrupted (%s): set aside as %s.corrupt; falling back to the version before it",
+                    path,
+                    err,
+                    path.name,
+                )
                 continue
             return state
         if any(p.name.endswith(".corrupt") for p in self.directory.glob("round-*")):
-            log(ERROR, "no good personal model is left in %s: the device starts again from the initial model",
-                self.directory)
+            log(
+                ERROR,
+                "no good personal model is left in %s: the device starts again from the initial model",
+                self.directory,
+            )
         return None
 
     def save(self, state: DeviceState, checkpoint_round: int | None = None) -> None:
@@ -141,8 +153,11 @@ class DiskStore:
         from an earlier checkpoint) and those older than both the version before `current` (the fallback should
         `current` be corrupted) and what a resume from `checkpoint_round` needs."""
         previous = max([v for v in versions if v < current], default=current)
-        anchor = previous if checkpoint_round is None else min(
-            previous, max([v for v in versions if v <= checkpoint_round], default=current))
+        anchor = (
+            previous
+            if checkpoint_round is None
+            else min(previous, max([v for v in versions if v <= checkpoint_round], default=current))
+        )
         return [v for v in versions if v > current or v < anchor]
 
 
@@ -207,8 +222,10 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
 def load_checkpoint(out_dir: Path) -> Checkpoint:
     path = Path(out_dir) / CHECKPOINT_NAME
     if not path.exists():
-        raise FileNotFoundError(f"resume=true but there is no checkpoint at {path}: resume in the folder of a run "
-                                "that had checkpoint_every > 0, or run without resume=true to start afresh")
+        raise FileNotFoundError(
+            f"resume=true but there is no checkpoint at {path}: resume in the folder of a run "
+            "that had checkpoint_every > 0, or run without resume=true to start afresh"
+        )
     with np.load(path) as data:
         return Checkpoint(
             round=int(data["round"]),

@@ -31,10 +31,10 @@ def _clock(seconds: float) -> str:
 
 def progress_text(done: int, total: int, elapsed: float, eta: float | None, final: dict[str, Any]) -> str:
     """One progress line, e.g. `round 40/150  0:12 elapsed  ETA 0:33  global 0.812  personal 0.905`."""
-    accuracies = "".join(f"  {kind} {m['benign_acc']:.3f}" for kind, m in final.items()
-                         if m and m.get("benign_acc") is not None)
-    return (f"round {done}/{total}  {_clock(elapsed)} elapsed  ETA {'-' if eta is None else _clock(eta)}"
-            + accuracies)
+    accuracies = "".join(
+        f"  {kind} {m['benign_acc']:.3f}" for kind, m in final.items() if m and m.get("benign_acc") is not None
+    )
+    return f"round {done}/{total}  {_clock(elapsed)} elapsed  ETA {'-' if eta is None else _clock(eta)}" + accuracies
 
 
 class Progress:

@@ -112,21 +112,38 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 if final is None:
                     continue
                 kind, _, lam = entry.partition(LAM_TAG)  # personal@lam=X: the personal models of lam X
-                row = {"run": name, "status": status, "error": error, "kind": kind, **config,
-                       **({"method.lam": float(lam)} if lam else {}), "rounds_done": done,
-                       **{m: final.get(m) for m in SUMMARY_KEYS}}
+                row = {
+                    "run": name,
+                    "status": status,
+                    "error": error,
+                    "kind": kind,
+                    **config,
+                    **({"method.lam": float(lam)} if lam else {}),
+                    "rounds_done": done,
+                    **{m: final.get(m) for m in SUMMARY_KEYS},
+                }
                 row["label"] = label(row)
                 runs.append(row)
-                devices += [{"run": name, "kind": kind, "label": row["label"], **{k: config.get(k) for k in FACETS},
-                             "client_id": c["client_id"], "malicious": c["malicious"], "acc": c.get(f"acc_{entry}")}
-                            for c in r.get("clients", [])]
+                devices += [
+                    {
+                        "run": name,
+                        "kind": kind,
+                        "label": row["label"],
+                        **{k: config.get(k) for k in FACETS},
+                        "client_id": c["client_id"],
+                        "malicious": c["malicious"],
+                        "acc": c.get(f"acc_{entry}"),
+                    }
+                    for c in r.get("clients", [])
+                ]
         else:
             if failed.exists():
                 status, error = "failed", json.loads(failed.read_text()).get("error", "")
             else:
                 status, error = "incomplete", "no results.json (still running, or the job was killed)"
-            runs.append({"run": name, "status": status, "error": error, "kind": None, "label": None,
-                         **_job_config(job)})
+            runs.append(
+                {"run": name, "status": status, "error": error, "kind": None, "label": None, **_job_config(job)}
+            )
     return pd.DataFrame(runs), pd.DataFrame(devices)
 
 
@@ -157,8 +174,15 @@ def interval_table(summary: pd.DataFrame, setting: list[str]) -> str:
     """Markdown: per setting and model, the mean over seeds [95 % t-interval] of each metric."""
     columns = figures.panel_columns(summary, setting)
     header = [*columns, "model", "seeds", *(f"{figures.LABELS[m]} [95 % CI]" for m in CI_METRICS)]
-    rows = [[*(str(r[c]) for c in columns), r["label"], str(r["n_seeds"]),
-             *(_cell(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in CI_METRICS)] for _, r in summary.iterrows()]
+    rows = [
+        [
+            *(str(r[c]) for c in columns),
+            r["label"],
+            str(r["n_seeds"]),
+            *(_cell(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in CI_METRICS),
+        ]
+        for _, r in summary.iterrows()
+    ]
     return _markdown(header, rows)
 
 
@@ -174,8 +198,10 @@ def paired_table(pairs: pd.DataFrame, setting: list[str], summary: pd.DataFrame)
         row = [*(str(r[c]) for c in columns), r["ditto"], r["baseline"], str(r["n_seeds"])]
         for m in CI_METRICS:
             verdict = r[f"d_{m}_verdict"]
-            row += [_cell(r[f"d_{m}"], r[f"d_{m}_lo"], r[f"d_{m}_hi"], signed=True),
-                    "no" if verdict == "n.s." else f"yes ({verdict})"]
+            row += [
+                _cell(r[f"d_{m}"], r[f"d_{m}_lo"], r[f"d_{m}_hi"], signed=True),
+                "no" if verdict == "n.s." else f"yes ({verdict})",
+            ]
         rows.append(row)
     return _markdown(header, rows)
 
@@ -192,8 +218,11 @@ def markdown(setting: list[str], summary: pd.DataFrame, pairs: pd.DataFrame) -> 
     """table.md: the interval table and the paired-difference table."""
     if summary.empty:
         return "(no completed runs)\n"
-    text = ("## Mean over seeds [95 % t-interval over seeds]\n\n" + interval_table(summary, setting)
-            + "\n## Paired difference Ditto − baseline, same seeds [95 % t-interval over seeds]\n\n")
+    text = (
+        "## Mean over seeds [95 % t-interval over seeds]\n\n"
+        + interval_table(summary, setting)
+        + "\n## Paired difference Ditto − baseline, same seeds [95 % t-interval over seeds]\n\n"
+    )
     return text + (paired_table(pairs, setting, summary) if not pairs.empty else "(no Ditto run with a baseline)\n")
 
 
@@ -230,8 +259,9 @@ def report(sweep_dirs: Path | list[Path], out_dir: Path | None = None) -> tuple[
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, devices = collect_all(sweep_dirs)
     if runs.empty:
-        raise SystemExit(f"no runs under {', '.join(map(str, sweep_dirs))}: give the folder of a Hydra sweep "
-                         "(multirun/...)")
+        raise SystemExit(
+            f"no runs under {', '.join(map(str, sweep_dirs))}: give the folder of a Hydra sweep (multirun/...)"
+        )
     runs.to_csv(out_dir / "runs.csv", index=False)
     devices.to_csv(out_dir / "devices.csv", index=False)
     regenerate(out_dir)
@@ -239,8 +269,10 @@ def report(sweep_dirs: Path | list[Path], out_dir: Path | None = None) -> tuple[
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="Collect sweeps into runs.csv, devices.csv, statistics over seeds "
-                                     "and figures; or (--csv) regenerate the statistics and figures from those CSVs.")
+    parser = argparse.ArgumentParser(
+        description="Collect sweeps into runs.csv, devices.csv, statistics over seeds "
+        "and figures; or (--csv) regenerate the statistics and figures from those CSVs."
+    )
     parser.add_argument("sweep_dirs", type=Path, nargs="*")
     parser.add_argument("--csv", type=Path, default=None, help="a folder with runs.csv and devices.csv")
     parser.add_argument("--out", type=Path, default=None, help="default: SWEEP_DIR/report, or the --csv folder")
@@ -255,8 +287,10 @@ def main(argv: list[str]) -> int:
     runs, _ = report(args.sweep_dirs, out)
     jobs = runs.drop_duplicates("run")
     bad = jobs[jobs["status"] != "ok"]
-    print(f"{len(jobs)} runs: {int((jobs['status'] == 'ok').sum())} complete, "
-          f"{int((jobs['status'] == 'failed').sum())} failed, {int((jobs['status'] == 'incomplete').sum())} incomplete")
+    print(
+        f"{len(jobs)} runs: {int((jobs['status'] == 'ok').sum())} complete, "
+        f"{int((jobs['status'] == 'failed').sum())} failed, {int((jobs['status'] == 'incomplete').sum())} incomplete"
+    )
     for _, row in bad.iterrows():
         print(f"  {row['status']}: {row['run']}: {row['error']}")
     print((out / "table.md").read_text(), end="")

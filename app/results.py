@@ -69,8 +69,10 @@ class RunRecorder:
                 "malicious": bool(flag),
                 "n_train": int(r["n_train"]),
                 "n_test": int(r["n_test"]),
-                **{f"acc_{kind}": (r[f"correct_{kind}"] / r["n_test"] if f"correct_{kind}" in r else None)
-                   for kind in kinds},
+                **{
+                    f"acc_{kind}": (r[f"correct_{kind}"] / r["n_test"] if f"correct_{kind}" in r else None)
+                    for kind in kinds
+                },
                 "lam": r.get("lam"),  # Ditto / local: the device's lam (auto: the grid value it chose most often)
                 "personal_round": r.get("personal_round"),  # the round its personal model last trained in
                 "personal_updates": r.get("personal_updates"),  # how many rounds it trained, restarts included
@@ -118,6 +120,7 @@ def _one_line(summary: dict[str, Any]) -> str:
 
 def format_table(final: dict[str, Any]) -> str:
     """The closing table: per model kind, benign accuracy (pooled and mean), std, worst 10 %, malicious accuracy."""
+
     def cell(v: float | None) -> str:
         return "   -  " if v is None else f"{v:6.3f}"
 
@@ -126,8 +129,10 @@ def format_table(final: dict[str, Any]) -> str:
         name = "global" if kind == "global" else "ditto" + kind.removeprefix("personal").replace(LAM_TAG, " λ=")
         m = final.get(kind)
         if m:
-            lines.append(f"{name:<9} {cell(m['benign_acc'])}      {cell(m['benign_mean_acc'])}    "
-                         f"{cell(m['benign_std_acc'])}  {cell(m['benign_worst10_acc'])}    {cell(m['malicious_acc'])}")
+            lines.append(
+                f"{name:<9} {cell(m['benign_acc'])}      {cell(m['benign_mean_acc'])}    "
+                f"{cell(m['benign_std_acc'])}  {cell(m['benign_worst10_acc'])}    {cell(m['malicious_acc'])}"
+            )
     return "\n".join(lines)
 
 

@@ -47,13 +47,20 @@ class ResultsServer(Server):
         self.progress: Progress | None = None
 
     def _checkpoint(self, server_round: int) -> None:
-        save_checkpoint(self.recorder.out_dir, Checkpoint(
-            round=server_round,
-            parameters=parameters_to_ndarrays(self.parameters),
-            meta={"config": OmegaConf.to_container(self.cfg, resolve=True), "rounds": self.strategy.rounds,
-                  "final": self.recorder.final, "clients": self.recorder.clients},
-            aggregator_state=self.strategy.aggregate.state(),
-        ))
+        save_checkpoint(
+            self.recorder.out_dir,
+            Checkpoint(
+                round=server_round,
+                parameters=parameters_to_ndarrays(self.parameters),
+                meta={
+                    "config": OmegaConf.to_container(self.cfg, resolve=True),
+                    "rounds": self.strategy.rounds,
+                    "final": self.recorder.final,
+                    "clients": self.recorder.clients,
+                },
+                aggregator_state=self.strategy.aggregate.state(),
+            ),
+        )
 
     def _resume(self) -> int:
         """Restore the checkpoint of the run's folder (its global model becomes the strategy's initial parameters,
@@ -85,12 +92,14 @@ class ResultsServer(Server):
         tests/test_flower_seams.py fails when Flower's original changes."""
         if server_round <= self.resumed:
             return None
-        instructions = self.strategy.configure_fit(server_round=server_round, parameters=self.parameters,
-                                                   client_manager=self._client_manager)
+        instructions = self.strategy.configure_fit(
+            server_round=server_round, parameters=self.parameters, client_manager=self._client_manager
+        )
         if not instructions:
             return None
-        results, failures = fit_clients(instructions, max_workers=self.max_workers, timeout=timeout,
-                                        group_id=server_round)
+        results, failures = fit_clients(
+            instructions, max_workers=self.max_workers, timeout=timeout, group_id=server_round
+        )
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         return parameters, metrics, (results, failures)
 
@@ -115,9 +124,11 @@ def check_resumable(saved: dict, current: dict) -> None:
     a, b = dotted(saved), dotted(current)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
     if differ:
-        raise ValueError("resume=true with a config that differs from the checkpoint's in: "
-                         + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ)
-                         + ". Resume with the run's own config (only num_rounds may change), or start a new run.")
+        raise ValueError(
+            "resume=true with a config that differs from the checkpoint's in: "
+            + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ)
+            + ". Resume with the run's own config (only num_rounds may change), or start a new run."
+        )
 
 
 def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
@@ -153,8 +164,10 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         evaluation_keys=required_metrics(METHODS[cfg.method.name], lams),
         device=resolve_device(str(cfg.device)),
     )
-    return ServerAppComponents(server=ResultsServer(strategy, recorder, cfg),
-                               config=ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout))
+    return ServerAppComponents(
+        server=ResultsServer(strategy, recorder, cfg),
+        config=ServerConfig(num_rounds=cfg.num_rounds, round_timeout=cfg.round_timeout),
+    )
 
 
 def make_server_app(cfg: DictConfig, out_dir: Path) -> ServerApp:

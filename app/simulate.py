@@ -58,8 +58,10 @@ def simulate(cfg: DictConfig, out_dir: Path, tuned: bool = True) -> dict:
                 server_app=make_server_app(cfg, out_dir),
                 client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
                 num_supernodes=cfg.num_clients,
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": float(cfg.client_num_gpus)},
-                                "init_args": {} if cfg.ray_address is None else {"address": str(cfg.ray_address)}},
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": float(cfg.client_num_gpus)},
+                    "init_args": {} if cfg.ray_address is None else {"address": str(cfg.ray_address)},
+                },
             )
     finally:
         update_console_handler(level=before)
@@ -101,9 +103,12 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         return simulate(cfg, out_dir)
     except Exception as err:  # one failed job must not stop the sweep; the collector lists it
-        (out_dir / "failed.json").write_text(json.dumps(
-            {"error": f"{type(err).__name__}: {err}", "overrides": overrides, "traceback": traceback.format_exc()},
-            indent=1))
+        (out_dir / "failed.json").write_text(
+            json.dumps(
+                {"error": f"{type(err).__name__}: {err}", "overrides": overrides, "traceback": traceback.format_exc()},
+                indent=1,
+            )
+        )
         log(ERROR, "[sweep] job %d/%d failed (%s): %s", hc.job.num + 1, total, " ".join(overrides), err)
         return None
 

@@ -19,10 +19,22 @@ from app.stats import paired_interval, t_interval
 
 METRICS = ("benign_acc", "benign_std_acc", "benign_worst10_acc")
 HIGHER_IS_BETTER = {"benign_acc": True, "benign_std_acc": False, "benign_worst10_acc": True}
-NOT_SETTING = {"run", "status", "error", "kind", "label", "rounds_done", "seed", "lam_value", "benign_mean_acc",
-               "benign_var_acc", "malicious_acc", *METRICS,
-               # how a run was executed, not what it computed
-               *EXECUTION_KEYS}
+NOT_SETTING = {
+    "run",
+    "status",
+    "error",
+    "kind",
+    "label",
+    "rounds_done",
+    "seed",
+    "lam_value",
+    "benign_mean_acc",
+    "benign_var_acc",
+    "malicious_acc",
+    *METRICS,
+    # how a run was executed, not what it computed
+    *EXECUTION_KEYS,
+}
 MODEL_PREFIXES = ("method.", "aggregator.")
 TUNED = "ditto λ=best"
 
@@ -38,8 +50,11 @@ def completed(runs: pd.DataFrame) -> pd.DataFrame:
 
 def scenario_columns(runs: pd.DataFrame) -> list[str]:
     """The config keys that tell settings apart: those that vary across `runs`, dataset and attack first."""
-    cols = [c for c in runs.columns if c not in NOT_SETTING and not c.startswith(MODEL_PREFIXES)
-            and runs[c].astype(str).nunique() > 1]
+    cols = [
+        c
+        for c in runs.columns
+        if c not in NOT_SETTING and not c.startswith(MODEL_PREFIXES) and runs[c].astype(str).nunique() > 1
+    ]
     first = [c for c in ("dataset.name", "attack.name", "attack.fraction") if c in runs.columns]
     return first + [c for c in cols if c not in first]
 
@@ -126,8 +141,15 @@ def paired(table: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
                 for m in METRICS:
                     ci = paired_interval(by_label[ditto][m].to_dict(), by_label[base][m].to_dict())
                     row["n_seeds"] = ci.n
-                    row.update({f"d_{m}": ci.mean, f"d_{m}_lo": ci.lo, f"d_{m}_hi": ci.hi,
-                                f"d_{m}_excludes_0": ci.excludes_zero, f"d_{m}_verdict": _verdict(ci.lo, ci.hi, m)})
+                    row.update(
+                        {
+                            f"d_{m}": ci.mean,
+                            f"d_{m}_lo": ci.lo,
+                            f"d_{m}_hi": ci.hi,
+                            f"d_{m}_excludes_0": ci.excludes_zero,
+                            f"d_{m}_verdict": _verdict(ci.lo, ci.hi, m),
+                        }
+                    )
                 rows.append(row)
     return pd.DataFrame(rows)
 

@@ -201,13 +201,29 @@ def rounds_needed(lam: float, steps: int, tol: float = 1e-6) -> int:
 
 def config(s: Setting, lam: float, seed: int, rounds: int, steps: int):  # -> DictConfig
     """The gaussian_mean run of setting `s` at lam (full participation, full-batch steps, lr = 1 / (1 + lam))."""
-    return compose_config([
-        "dataset=gaussian_mean", "attack=none", "method=ditto", f"method.lam={lam}", f"seed={seed}",
-        f"num_clients={s.K}", f"clients_per_round={s.K}", f"num_rounds={rounds}", f"local_steps={steps}",
-        f"batch_size={s.n}", f"lr={1.0 / (1.0 + lam)}", f"dataset.samples={s.n}", f"dataset.dim={s.d}",
-        f"dataset.tau={s.tau}", f"dataset.tau_a={s.tau_a}", f"dataset.sigma={s.sigma}",
-        f"dataset.num_attackers={s.K_a}", f"dataset.attackers={s.attackers}", f"dataset.test_samples={s.m}",
-    ])
+    return compose_config(
+        [
+            "dataset=gaussian_mean",
+            "attack=none",
+            "method=ditto",
+            f"method.lam={lam}",
+            f"seed={seed}",
+            f"num_clients={s.K}",
+            f"clients_per_round={s.K}",
+            f"num_rounds={rounds}",
+            f"local_steps={steps}",
+            f"batch_size={s.n}",
+            f"lr={1.0 / (1.0 + lam)}",
+            f"dataset.samples={s.n}",
+            f"dataset.dim={s.d}",
+            f"dataset.tau={s.tau}",
+            f"dataset.tau_a={s.tau_a}",
+            f"dataset.sigma={s.sigma}",
+            f"dataset.num_attackers={s.K_a}",
+            f"dataset.attackers={s.attackers}",
+            f"dataset.test_samples={s.m}",
+        ]
+    )
 
 
 @lru_cache(maxsize=None)
@@ -228,10 +244,15 @@ def simulate(s: Setting, lam: float, seed: int, steps: int = 10) -> dict[str, fl
     personal = np.array([r["loss_personal"] for r in rows])
     xbar = np.stack([c.y_train.double().mean(0).numpy() for c in clients])
     v = (xbar + lam * xbar.mean(0)) / (1 + lam)  # this realisation's personal models in closed form
-    exact = np.array([0.5 * ((v[k] - c.y_test.double().numpy()) ** 2).sum(1).mean() for k, c in
-                      enumerate(clients)][s.K_a :])
-    return {"personal": float(personal.mean()), "global": float(np.mean([r["loss_global"] for r in rows])),
-            "personal_var": float(personal.var()), "deviation": float(np.max(np.abs(personal / exact - 1)))}
+    exact = np.array(
+        [0.5 * ((v[k] - c.y_test.double().numpy()) ** 2).sum(1).mean() for k, c in enumerate(clients)][s.K_a :]
+    )
+    return {
+        "personal": float(personal.mean()),
+        "global": float(np.mean([r["loss_global"] for r in rows])),
+        "personal_var": float(personal.var()),
+        "deviation": float(np.max(np.abs(personal / exact - 1))),
+    }
 
 
 def lam_grid(center: float, points: int = 9, span: float = 4.0) -> np.ndarray:
@@ -243,8 +264,10 @@ def simulated_curves(s: Setting, grid: np.ndarray, seeds: tuple[int, ...]) -> di
     """Over `grid`, the mean over `seeds` of the benign test loss (`loss`) and of its variance across benign devices
     (`variance`), simulated."""
     runs = [[simulate(s, float(lam), seed) for seed in seeds] for lam in grid]
-    return {"loss": np.array([np.mean([r["personal"] for r in at]) for at in runs]),
-            "variance": np.array([np.mean([r["personal_var"] for r in at]) for at in runs])}
+    return {
+        "loss": np.array([np.mean([r["personal"] for r in at]) for at in runs]),
+        "variance": np.array([np.mean([r["personal_var"] for r in at]) for at in runs]),
+    }
 
 
 BASE = Setting(K_a=6)
@@ -275,21 +298,31 @@ def run(out_dir: Path, seeds: tuple[int, ...], points: int, reps: int) -> list[d
             fine, grid = lam_grid(star, 33), lam_grid(star, points)
             mc, sim = monte_carlo(s, fine, reps), simulated_curves(s, grid, seeds)
             at_star = [simulate(s, float(grid[len(grid) // 2]), seed) for seed in seeds]  # the centre is lam*
-            rows.append({
-                "sweep": sweep, **asdict(s), "lam_star": star, "lam_loss_mc": grid_argmin(fine, mc["loss"]),
-                "lam_loss_sim": grid_argmin(grid, sim["loss"]), "lam_var": lam_star_variance(s),
-                "lam_var_mc": grid_argmin(fine, mc["variance"]), "lam_var_sim": grid_argmin(grid, sim["variance"]),
-                "loss_ditto": expected_loss(star, s),
-                "loss_ditto_sim": float(np.mean([r["personal"] for r in at_star])),
-                "loss_local_sim": float(np.mean([simulate(s, 0.0, seed)["personal"] for seed in seeds])),
-                "loss_global_sim": float(np.mean([r["global"] for r in at_star])),
-                "deviation": max(simulate(s, float(lam), seed)["deviation"] for lam in grid for seed in seeds),
-            })
+            rows.append(
+                {
+                    "sweep": sweep,
+                    **asdict(s),
+                    "lam_star": star,
+                    "lam_loss_mc": grid_argmin(fine, mc["loss"]),
+                    "lam_loss_sim": grid_argmin(grid, sim["loss"]),
+                    "lam_var": lam_star_variance(s),
+                    "lam_var_mc": grid_argmin(fine, mc["variance"]),
+                    "lam_var_sim": grid_argmin(grid, sim["variance"]),
+                    "loss_ditto": expected_loss(star, s),
+                    "loss_ditto_sim": float(np.mean([r["personal"] for r in at_star])),
+                    "loss_local_sim": float(np.mean([simulate(s, 0.0, seed)["personal"] for seed in seeds])),
+                    "loss_global_sim": float(np.mean([r["global"] for r in at_star])),
+                    "deviation": max(simulate(s, float(lam), seed)["deviation"] for lam in grid for seed in seeds),
+                }
+            )
             r = rows[-1]
-            print(f"{sweep}={value}: lam* {star:.3f}, argmin loss MC {r['lam_loss_mc']:.3f} DittoClient "
-                  f"{r['lam_loss_sim']:.3f}; argmin variance {r['lam_var']:.3f}, MC {r['lam_var_mc']:.3f}, DittoClient "
-                  f"{r['lam_var_sim']:.3f}; test loss Ditto {r['loss_ditto_sim']:.4f} local {r['loss_local_sim']:.4f} "
-                  f"global {r['loss_global_sim']:.4f}", flush=True)
+            print(
+                f"{sweep}={value}: lam* {star:.3f}, argmin loss MC {r['lam_loss_mc']:.3f} DittoClient "
+                f"{r['lam_loss_sim']:.3f}; argmin variance {r['lam_var']:.3f}, MC {r['lam_var_mc']:.3f}, DittoClient "
+                f"{r['lam_var_sim']:.3f}; test loss Ditto {r['loss_ditto_sim']:.4f} local {r['loss_local_sim']:.4f} "
+                f"global {r['loss_global_sim']:.4f}",
+                flush=True,
+            )
     curves = {}
     for name, s in CURVES.items():
         fine, grid = lam_grid(lam_star(s), 65, span=16.0), lam_grid(lam_star(s), 2 * points - 1, span=16.0)

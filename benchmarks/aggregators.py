@@ -111,10 +111,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="n in {10, 50}, d = 1e5 only")
     parser.add_argument("--cap", type=float, default=120.0, help="seconds after which a Flower function is stopped")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's); 1 keeps the ratios steady on an oversubscribed "
-                             "machine, where every parallel region of ours (many) and of the Gram product (one) waits "
-                             "for a descheduled thread")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); 1 keeps the ratios steady on an oversubscribed "
+        "machine, where every parallel region of ours (many) and of the Gram product (one) waits "
+        "for a descheduled thread",
+    )
     args = parser.parse_args()
     global CLOCK
     if args.threads is not None:
@@ -125,8 +129,10 @@ def main() -> None:
     sizes = [(n, d) for d in widths for n in counts]
     clock = "CPU seconds (process_time)" if CLOCK is time.process_time else "wall seconds"
     print(f"torch threads: {torch.get_num_threads()}; Flower's functions are numpy (mostly one thread); {clock}")
-    print(f"{'rule':<14}{'n':>5}{'d':>9}{'ours s':>10}{'flower s':>11}{'speed-up':>10}{'ours/Gram':>11}"
-          f"{'peak mem/stack':>16}")
+    print(
+        f"{'rule':<14}{'n':>5}{'d':>9}{'ours s':>10}{'flower s':>11}{'speed-up':>10}{'ours/Gram':>11}"
+        f"{'peak mem/stack':>16}"
+    )
     for n, d in sizes:
         f = (n - 3) // 4
         stack = torch.randn(n, d, generator=torch.Generator().manual_seed(n * 7 + d))
@@ -145,15 +151,21 @@ def main() -> None:
                 ref, ratio = f">{args.cap:.0f}", f">{args.cap / t_ours:.0f}x"
             else:
                 ref, ratio = f"{t_ref:.3f}", f"{t_ref / t_ours:.1f}x"
-            print(f"{name:<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{ref:>11}{ratio:>10}{t_ours / t_plain_gram:>10.2f}x"
-                  f"{mem:>15.2f}x", flush=True)
+            print(
+                f"{name:<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{ref:>11}{ratio:>10}{t_ours / t_plain_gram:>10.2f}x"
+                f"{mem:>15.2f}x",
+                flush=True,
+            )
         huge = stack.clone()
         huge[: max(1, n // 10)] *= 1e8
         t_huge_gram = _best(lambda h=huge: h @ h.T, max(repeats, 3))
         for name in ("krum", "multikrum", "bulyan"):
             t_ours, mem = ours(name, huge, weights, f, ours_repeats)
-            print(f"{name + ' huge':<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{'-':>11}{'-':>10}{t_ours / t_huge_gram:>10.2f}x"
-                  f"{mem:>15.2f}x", flush=True)
+            print(
+                f"{name + ' huge':<14}{n:>5}{d:>9.0e}{t_ours:>10.4f}{'-':>11}{'-':>10}{t_ours / t_huge_gram:>10.2f}x"
+                f"{mem:>15.2f}x",
+                flush=True,
+            )
         del huge
         krum_ref = flower_seconds["krum"]
         transposed = stack.numpy().T  # d x n, Fortran-ordered: ssyrk's A^T A is the n x n Gram matrix, with no copy
@@ -165,8 +177,10 @@ def main() -> None:
         for label, gram in grams.items():
             t_gram = _best(gram, repeats)
             ceiling = "-" if krum_ref is None else f"{krum_ref / t_gram:.1f}x"
-            print(f"{label:<14}{n:>5}{d:>9.0e}{t_gram:>10.4f}{'':>11}{ceiling:>10}  (Flower's Krum over a bare Gram)",
-                  flush=True)
+            print(
+                f"{label:<14}{n:>5}{d:>9.0e}{t_gram:>10.4f}{'':>11}{ceiling:>10}  (Flower's Krum over a bare Gram)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,11 @@ def round_times(overrides: list[str]) -> tuple[float, float]:
         simulate(cfg, Path(tmp))
         results = json.loads((Path(tmp) / "results.json").read_text())
     ends = {r["round"]: r["seconds"] for r in results["rounds"]}
-    training = [ends[r] - ends[r - 1] for r in range(3, cfg.num_rounds + 1)
-                if not any(evaluates(q, cfg.eval_every, cfg.num_rounds) for q in (r, r - 1))]
+    training = [
+        ends[r] - ends[r - 1]
+        for r in range(3, cfg.num_rounds + 1)
+        if not any(evaluates(q, cfg.eval_every, cfg.num_rounds) for q in (r, r - 1))
+    ]
     return statistics.median(training), ends[cfg.num_rounds] - results["connected_after_seconds"]
 
 
@@ -42,8 +45,10 @@ def main(overrides: list[str]) -> None:
     t_ditto, loop_ditto = round_times([*overrides, "method=ditto"])
     print(f"{'':<22}{'global':>10}{'ditto':>10}{'ditto/global':>14}")
     print(f"{'training round, s':<22}{t_global:>10.4f}{t_ditto:>10.4f}{t_ditto / t_global:>13.2f}x   (target <= 2.2)")
-    print(f"{'all rounds, s':<22}{loop_global:>10.2f}{loop_ditto:>10.2f}{loop_ditto / loop_global:>13.2f}x   "
-          "(with evaluations)")
+    print(
+        f"{'all rounds, s':<22}{loop_global:>10.2f}{loop_ditto:>10.2f}{loop_ditto / loop_global:>13.2f}x   "
+        "(with evaluations)"
+    )
 
 
 if __name__ == "__main__":

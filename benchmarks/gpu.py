@@ -32,9 +32,19 @@ from benchmarks.overhead import timed_plain, timed_simulation
 from strategies.aggregators import AGGREGATORS
 
 CUDA = torch.cuda.is_available()
-WORKLOAD = ["dataset=fake_images", "dataset.like=cifar10", "dataset.model=cnn_cifar", "num_clients=100",
-            "clients_per_round=10", "local_steps=10", "batch_size=32", "method=ditto", "attack=none",
-            "num_rounds=20", "eval_every=20"]
+WORKLOAD = [
+    "dataset=fake_images",
+    "dataset.like=cifar10",
+    "dataset.model=cnn_cifar",
+    "num_clients=100",
+    "clients_per_round=10",
+    "local_steps=10",
+    "batch_size=32",
+    "method=ditto",
+    "attack=none",
+    "num_rounds=20",
+    "eval_every=20",
+]
 QUICK = ["num_clients=20", "clients_per_round=5", "dataset.num_samples=2000", "num_rounds=5", "eval_every=5"]
 SHARES = (0.5, 0.25, 0.125)  # GPU share per client actor: 2, 4, 8 actors per GPU
 
@@ -53,8 +63,12 @@ class Utilisation:
         if not CUDA or shutil.which("nvidia-smi") is None:
             return
         while not self._stop.wait(0.2):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                  "-i", "0"], capture_output=True, text=True, check=False).stdout.strip()
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
             if out.isdigit():
                 self.samples.append(float(out))
 
@@ -83,19 +97,29 @@ def ditto_rows(quick: bool) -> list[str]:
     with Utilisation() as busy:
         t_plain, plain = timed_plain(compose_config(base))
     torch.set_num_threads(threads)  # the plain loop runs on one thread; ours on the CPU (part 2) gets them all back
-    rows = [progress(f"{'plain PyTorch loop':<34}{t_plain:>9.2f}{1.0:>9.2f}{str(busy):>14}"
-                     f"   acc {plain['personal']['benign_acc']:.4f}")]
+    rows = [
+        progress(
+            f"{'plain PyTorch loop':<34}{t_plain:>9.2f}{1.0:>9.2f}{str(busy):>14}"
+            f"   acc {plain['personal']['benign_acc']:.4f}"
+        )
+    ]
     best: tuple[float, float] | None = None
     for share in SHARES if CUDA else (0.0,):
         with Utilisation() as busy:
             sim = timed_simulation(compose_config([*base, f"client_num_gpus={share}"]))
         best = min(best or (sim["rounds"], share), (sim["rounds"], share))
-        rows.append(progress(f"{f'simulation rounds, {share:g} GPU/actor':<34}{sim['rounds']:>9.2f}"
-                             f"{sim['rounds'] / t_plain:>9.2f}{str(busy):>14}   "
-                             f"acc {sim['final']['personal']['benign_acc']:.4f} (start-up {sim['startup']:.1f} s)"))
+        rows.append(
+            progress(
+                f"{f'simulation rounds, {share:g} GPU/actor':<34}{sim['rounds']:>9.2f}"
+                f"{sim['rounds'] / t_plain:>9.2f}{str(busy):>14}   "
+                f"acc {sim['final']['personal']['benign_acc']:.4f} (start-up {sim['startup']:.1f} s)"
+            )
+        )
     if CUDA and best is not None:
-        rows.append(f"best GPU share per actor: {best[1]:g} (rounds {best[0]:.2f} s, {best[0] / t_plain:.2f}x the "
-                    "plain loop; target <= 1.5)")
+        rows.append(
+            f"best GPU share per actor: {best[1]:g} (rounds {best[0]:.2f} s, {best[0] / t_plain:.2f}x the "
+            "plain loop; target <= 1.5)"
+        )
     return rows
 
 
@@ -124,9 +148,10 @@ def aggregation_rows(quick: bool, cap: float) -> list[str]:
     weights = torch.ones(n, dtype=torch.float64)
     gpu_stack, gpu_weights = (stack.cuda(), weights.cuda()) if CUDA else (None, None)
     results = [([row], 1) for row in stack.numpy()]
-    rows = [f"n = {n}, d = {d:.0e}, f = {f}, float32; Flower stopped after {cap:.0f} s",
-            f"{'rule':<14}{'gpu s':>10}{'cpu s':>10}{'flower s':>10}{'flower/gpu':>12}{'cpu/gpu':>9}"
-            "  same (gpu vs cpu)"]
+    rows = [
+        f"n = {n}, d = {d:.0e}, f = {f}, float32; Flower stopped after {cap:.0f} s",
+        f"{'rule':<14}{'gpu s':>10}{'cpu s':>10}{'flower s':>10}{'flower/gpu':>12}{'cpu/gpu':>9}  same (gpu vs cpu)",
+    ]
     for name in FLOWER:
         rule = AGGREGATORS[name]
         t_cpu, on_cpu = _timed(rule, stack, weights, f, repeats)
@@ -147,9 +172,13 @@ def aggregation_rows(quick: bool, cap: float) -> list[str]:
         t_ref = flower(name, results, f, 1, cap)
         fastest = t_gpu if t_gpu is not None else t_cpu
         ratio = f">{_times(cap / fastest)}" if t_ref is None else _times(t_ref / fastest)
-        rows.append(progress(f"{name:<14}{'-' if t_gpu is None else f'{t_gpu:.4f}':>10}{t_cpu:>10.4f}"
-                             f"{'>' + str(int(cap)) if t_ref is None else f'{t_ref:.3f}':>10}{ratio:>12}"
-                             f"{'-' if t_gpu is None else _times(t_cpu / t_gpu):>9}  {same}"))
+        rows.append(
+            progress(
+                f"{name:<14}{'-' if t_gpu is None else f'{t_gpu:.4f}':>10}{t_cpu:>10.4f}"
+                f"{'>' + str(int(cap)) if t_ref is None else f'{t_ref:.3f}':>10}{ratio:>12}"
+                f"{'-' if t_gpu is None else _times(t_cpu / t_gpu):>9}  {same}"
+            )
+        )
     rows.append("(flower/gpu: over ours on the CPU where there is no GPU)")
     rows.append(flower_selections(n, f))
     return rows
@@ -184,9 +213,16 @@ def main() -> None:
     args = parser.parse_args()
     name = torch.cuda.get_device_name(0) if CUDA else "no CUDA device (CPU columns only)"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
-    table = [] if args.skip_ditto else ["Ditto, simulation vs plain loop on the same device",
-                                        f"{'':<34}{'seconds':>9}{'ratio':>9}{'GPU mean/peak':>14}",
-                                        *ditto_rows(args.quick), ""]
+    table = (
+        []
+        if args.skip_ditto
+        else [
+            "Ditto, simulation vs plain loop on the same device",
+            f"{'':<34}{'seconds':>9}{'ratio':>9}{'GPU mean/peak':>14}",
+            *ditto_rows(args.quick),
+            "",
+        ]
+    )
     table += ["Robust aggregation", *aggregation_rows(args.quick, args.cap)]
     print("\n" + "\n".join(table), flush=True)
 

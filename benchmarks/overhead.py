@@ -40,8 +40,15 @@ from strategies.aggregators import build_aggregator
 from strategies.robust import flatten, unflatten
 from strategies.sampling import evaluates, sample_devices
 
-WORKLOAD = ["dataset.model=cnn_small", "dataset.partitioner=pathological", "num_clients=100", "clients_per_round=10",
-            "num_rounds=50", "eval_every=25", "method=ditto"]
+WORKLOAD = [
+    "dataset.model=cnn_small",
+    "dataset.partitioner=pathological",
+    "num_clients=100",
+    "clients_per_round=10",
+    "num_rounds=50",
+    "eval_every=25",
+    "method=ditto",
+]
 SUPPORTED = "method=ditto with a fixed lam, an attack that acts on the device (not alie/ipm)"
 
 
@@ -58,9 +65,14 @@ def plain_ditto(cfg: DictConfig) -> dict:
     def build() -> torch.nn.Module:
         return build_model(cfg.dataset.model, fed.input_shape, fed.num_classes, cfg.seed).to(device)
 
-    labels = [(run_poisoned_labels(d.y_train, fed.num_classes, cfg.seed, k)
-               if k in malicious and corrupts_labels(cfg.attack) else d.y_train).to(device)
-              for k, d in enumerate(fed.devices)]
+    labels = [
+        (
+            run_poisoned_labels(d.y_train, fed.num_classes, cfg.seed, k)
+            if k in malicious and corrupts_labels(cfg.attack)
+            else d.y_train
+        ).to(device)
+        for k, d in enumerate(fed.devices)
+    ]
     inputs = [d.x_train.to(device) for d in fed.devices]
     tests = [(d.x_test.to(device), d.y_test.to(device)) for d in fed.devices]
     weights = get_weights(build())
@@ -71,26 +83,44 @@ def plain_ditto(cfg: DictConfig) -> dict:
         for k in sample_devices(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
             ditto.seed_global_rng(cfg.seed, k, r)
             set_weights(work, weights)
-            ditto.local_round(work, personal.setdefault(k, build()), inputs[k], labels[k],
-                              steps=cfg.local_steps, batch_size=cfg.batch_size, lr=float(cfg.lr), lam=lam,
-                              loss_fn=loss_fn, generator=ditto.round_generator(cfg.seed, k, r, ditto.Stream.BATCHES))
+            ditto.local_round(
+                work,
+                personal.setdefault(k, build()),
+                inputs[k],
+                labels[k],
+                steps=cfg.local_steps,
+                batch_size=cfg.batch_size,
+                lr=float(cfg.lr),
+                lam=lam,
+                loss_fn=loss_fn,
+                generator=ditto.round_generator(cfg.seed, k, r, ditto.Stream.BATCHES),
+            )
             update = [w - w0 for w, w0 in zip(get_weights(work), weights)]
             if k in malicious:
                 update = attack_update(cfg.attack, update, attack_rng(cfg.seed, k, r), cfg.clients_per_round)
             updates.append(flatten(update))
             counts.append(len(labels[k]))
-        delta = aggregate(torch.from_numpy(np.stack(updates)).to(device),
-                          torch.tensor(counts, dtype=torch.float64, device=device), f)
+        delta = aggregate(
+            torch.from_numpy(np.stack(updates)).to(device), torch.tensor(counts, dtype=torch.float64, device=device), f
+        )
         weights = unflatten(flatten(weights) + delta.cpu().numpy(), weights)
         if evaluates(r, cfg.eval_every, cfg.num_rounds):
             set_weights(work, weights)
             initial = build()
-            rows = [(ditto.evaluate(work, x, y, loss_fn)[0], ditto.evaluate(personal.get(k, initial), x, y, loss_fn)[0],
-                     len(y)) for k, (x, y) in enumerate(tests)]
+            rows = [
+                (
+                    ditto.evaluate(work, x, y, loss_fn)[0],
+                    ditto.evaluate(personal.get(k, initial), x, y, loss_fn)[0],
+                    len(y),
+                )
+                for k, (x, y) in enumerate(tests)
+            ]
             correct_g, correct_p, n_test = (np.array(c) for c in zip(*rows))
             flags = np.array([k in malicious for k in range(cfg.num_clients)])
-            summary = {"global": accuracy_summary(correct_g, n_test, flags),
-                       "personal": accuracy_summary(correct_p, n_test, flags)}
+            summary = {
+                "global": accuracy_summary(correct_g, n_test, flags),
+                "personal": accuracy_summary(correct_p, n_test, flags),
+            }
     return summary
 
 
@@ -116,14 +146,22 @@ def timed_simulation(cfg: DictConfig, tuned: bool = True) -> dict:
         whole = time.perf_counter() - start
         results = json.loads((Path(tmp) / "results.json").read_text())
     loop, connected = results["rounds"][-1]["seconds"], results["connected_after_seconds"]
-    return {"whole": whole, "startup": whole - loop + connected, "rounds": loop - connected,
-            "first": results["rounds"][0]["seconds"] - connected, "final": final}
+    return {
+        "whole": whole,
+        "startup": whole - loop + connected,
+        "rounds": loop - connected,
+        "first": results["rounds"][0]["seconds"] - connected,
+        "final": final,
+    }
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stock", action="store_true",
-                        help="also run the simulation on Flower's engine as it ships (without app/engine.py)")
+    parser.add_argument(
+        "--stock",
+        action="store_true",
+        help="also run the simulation on Flower's engine as it ships (without app/engine.py)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the workload")
     args = parser.parse_args(argv)
     cfg = compose_config([*WORKLOAD, *args.overrides])
@@ -145,9 +183,13 @@ def main(argv: list[str]) -> None:
         print(f"{'ratio, rounds: Flower engine / tuned':<36}{stock['rounds'] / tuned['rounds']:8.2f}")
     for kind in ("global", "personal"):
         a = plain[kind]
-        print(f"{kind:<9} benign acc / std: plain {a['benign_acc']:.4f} / {a['benign_std_acc']:.4f}" + "".join(
-            f"   {name} {t['final'][kind]['benign_acc']:.4f} / {t['final'][kind]['benign_std_acc']:.4f}"
-            for name, t in runs.items()))
+        print(
+            f"{kind:<9} benign acc / std: plain {a['benign_acc']:.4f} / {a['benign_std_acc']:.4f}"
+            + "".join(
+                f"   {name} {t['final'][kind]['benign_acc']:.4f} / {t['final'][kind]['benign_std_acc']:.4f}"
+                for name, t in runs.items()
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -74,12 +74,25 @@ class Sampler:
 
 
 def run(devices: int, rounds: int, overrides: list[str]) -> dict[str, float]:
-    args = ["dataset=synthetic", f"num_clients={devices}", "clients_per_round=10", f"num_rounds={rounds}",
-            f"eval_every={rounds}", "personal_state=disk", "verbose=true", *overrides]  # timed by its log lines
+    args = [
+        "dataset=synthetic",
+        f"num_clients={devices}",
+        "clients_per_round=10",
+        f"num_rounds={rounds}",
+        f"eval_every={rounds}",
+        "personal_state=disk",
+        "verbose=true",
+        *overrides,
+    ]  # timed by its log lines
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "app.simulate", *args, f"hydra.run.dir={tmp}"], cwd=PROJECT_DIR,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.simulate", *args, f"hydra.run.dir={tmp}"],
+            cwd=PROJECT_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         marks: dict[str, float] = {}
         round_ends: dict[int, float] = {}
         tail: list[str] = []

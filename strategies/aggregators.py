@@ -31,10 +31,16 @@ _GEOMED_BLOCK = 4096  # columns per float64 block in geomed: a block of the stac
 
 
 def _check_weights(updates: torch.Tensor, weights: torch.Tensor, rule: str) -> None:
-    if weights.shape != (updates.shape[0],) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
-            or not float(weights.sum()) > 0:
-        raise ValueError(f"{rule} needs one finite weight >= 0 per update, not all zero (got {weights.tolist()} for "
-                         f"{updates.shape[0]} updates)")
+    if (
+        weights.shape != (updates.shape[0],)
+        or not bool(torch.isfinite(weights).all())
+        or bool((weights < 0).any())
+        or not float(weights.sum()) > 0
+    ):
+        raise ValueError(
+            f"{rule} needs one finite weight >= 0 per update, not all zero (got {weights.tolist()} for "
+            f"{updates.shape[0]} updates)"
+        )
 
 
 def mean(
@@ -53,8 +59,9 @@ _BLOCK_BYTES = 4 << 20  # a transposed column block of about 4 MiB stays in cach
 _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))  # numpy's partition releases the GIL
 
 
-def _by_column_blocks(x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray],
-                      rows: torch.Tensor | None = None) -> torch.Tensor:
+def _by_column_blocks(
+    x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray], rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """One value per coordinate: `reduce` maps a C-contiguous (columns x rows) copy of a block of x[rows] (rows=None:
     all), which it may reorder in place, to one value per column. Cache-sized blocks, in parallel, so the extra memory
     is a few blocks, never a copy of the stack; the caller's stack is never reordered."""
@@ -125,8 +132,9 @@ def median(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0)
     return _by_column_blocks(updates, _row_medians)
 
 
-def trimmed_mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, beta: float = 0.1,
-                 trim: str = "beta") -> torch.Tensor:
+def trimmed_mean(
+    updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, beta: float = 0.1, trim: str = "beta"
+) -> torch.Tensor:
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the k smallest and the k largest
     values and average the rest. trim="beta" (the default, as before): k = floor(beta n), as scipy.stats.trim_mean
     and Flower's aggregate_trimmed_avg; trim="f": k = f, the trimmed fraction tied to the number of malicious
@@ -140,11 +148,14 @@ def trimmed_mean(updates: torch.Tensor, weights: torch.Tensor, num_malicious: in
     elif trim == "f":
         k = num_malicious
         if n - 2 * k < 1:
-            raise ValueError(f"trimmed_mean with trim=f needs n >= 2f + 1 (got n={n} updates, f={k}): lower "
-                             f"aggregator.f or sample more clients (clients_per_round >= {2 * k + 1})")
+            raise ValueError(
+                f"trimmed_mean with trim=f needs n >= 2f + 1 (got n={n} updates, f={k}): lower "
+                f"aggregator.f or sample more clients (clients_per_round >= {2 * k + 1})"
+            )
     else:
-        raise ValueError(f"trimmed_mean: trim must be 'beta' (floor(beta n) per side) or 'f' (f per side), "
-                         f"got {trim!r}")
+        raise ValueError(
+            f"trimmed_mean: trim must be 'beta' (floor(beta n) per side) or 'f' (f per side), got {trim!r}"
+        )
     if k == 0:
         return updates.mean(dim=0)
     return _by_column_blocks(updates, partial(_trimmed_row_means, k=k))
@@ -162,8 +173,10 @@ MIN_UPDATES: dict[str, tuple[Callable[[int], int], str]] = {
 def _needs(rule: str, n: int, f: int) -> None:
     need, condition = MIN_UPDATES[rule]
     if n < need(f):
-        raise ValueError(f"{rule} needs {condition} (got n={n} updates, f={f}): lower aggregator.f or sample more "
-                         f"clients (clients_per_round >= {need(f)})")
+        raise ValueError(
+            f"{rule} needs {condition} (got n={n} updates, f={f}): lower aggregator.f or sample more "
+            f"clients (clients_per_round >= {need(f)})"
+        )
 
 
 def krum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
@@ -219,8 +232,15 @@ def knorm(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) 
     return share @ updates  # the mean of the kept rows without copying them out of the stack
 
 
-def norm_clip(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, inner: str = "mean",
-              radius: str = "median", **inner_options: Any) -> torch.Tensor:
+def norm_clip(
+    updates: torch.Tensor,
+    weights: torch.Tensor,
+    num_malicious: int = 0,
+    *,
+    inner: str = "mean",
+    radius: str = "median",
+    **inner_options: Any,
+) -> torch.Tensor:
     """Norm clipping (Sun et al. 2019): scale every update down to at most the round's median norm, then aggregate
     the clipped updates with the registry rule `inner` (with `inner_options`). With an even number of updates the
     median is a convention: radius="median" (the default: the mean of the two middle norms, as the official Ditto
@@ -238,8 +258,9 @@ def norm_clip(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int =
     return AGGREGATORS[inner](updates * scale[:, None].to(updates.dtype), weights, num_malicious, **inner_options)
 
 
-def weiszfeld(updates: torch.Tensor, weights: torch.Tensor, *, max_iter: int = 1000, eps: float = 1e-8,
-              tol: float = 1e-6) -> tuple[torch.Tensor, int, float]:
+def weiszfeld(
+    updates: torch.Tensor, weights: torch.Tensor, *, max_iter: int = 1000, eps: float = 1e-8, tol: float = 1e-6
+) -> tuple[torch.Tensor, int, float]:
     """(geometric median z, iterations used, certified relative gap) by smoothed Weiszfeld in float64:
     z <- sum_i b_i x_i / sum_i b_i, b_i = a_i / max(eps, ||z - x_i||), a_i the normalised weights, until the duality
     gap of the objective F(z) = sum_i a_i ||z - x_i|| is at most tol F(z).
@@ -294,8 +315,15 @@ def _distances_to(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return sq.sqrt()
 
 
-def geomed(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, max_iter: int = 1000,
-           eps: float = 1e-8, tol: float = 1e-6) -> torch.Tensor:
+def geomed(
+    updates: torch.Tensor,
+    weights: torch.Tensor,
+    num_malicious: int = 0,
+    *,
+    max_iter: int = 1000,
+    eps: float = 1e-8,
+    tol: float = 1e-6,
+) -> torch.Tensor:
     """Geometric median, weighted by sample counts (RFA: Pillutla, Kakade, Harchaoui 2022), by smoothed Weiszfeld
     in float64 until the objective is within tol (relative) of its optimum, certified by a duality gap
     (`weiszfeld`); logs the iterations used, and warns when max_iter ends it first."""
@@ -303,21 +331,35 @@ def geomed(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0,
     _check_weights(updates, weights, "geomed")
     z, iterations, gap = weiszfeld(updates, weights, max_iter=max_iter, eps=eps, tol=tol)
     if gap > tol:
-        _LOG.warning("geomed: stopped at max_iter=%d with relative gap %.2e > tol=%.1e: raise aggregator.max_iter",
-                     iterations, gap, tol)
+        _LOG.warning(
+            "geomed: stopped at max_iter=%d with relative gap %.2e > tol=%.1e: raise aggregator.max_iter",
+            iterations,
+            gap,
+            tol,
+        )
     else:
         _LOG.info("geomed: relative gap %.2e after %d iterations", gap, iterations)
     return z.to(updates.dtype)
 
 
-def centered_clip(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, tau: float | None = None,
-                  iters: int = 3, center: torch.Tensor | None = None) -> torch.Tensor:
+def centered_clip(
+    updates: torch.Tensor,
+    weights: torch.Tensor,
+    num_malicious: int = 0,
+    *,
+    tau: float | None = None,
+    iters: int = 3,
+    center: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Centered clipping (Karimireddy, He, Jaggi, ICML 2021): starting from `center` (the previous round's
     aggregate; zero at first), `iters` times v <- v + mean_i (x_i - v) min(1, tau / ||x_i - v||). tau = null uses
     the median distance of the updates to the starting point."""
     check_stack(updates, num_malicious, "centered_clip")
-    v = (torch.zeros(updates.shape[1], dtype=updates.dtype, device=updates.device) if center is None
-         else center.to(updates.device, updates.dtype))
+    v = (
+        torch.zeros(updates.shape[1], dtype=updates.dtype, device=updates.device)
+        if center is None
+        else center.to(updates.device, updates.dtype)
+    )
     radius = tau
     for _ in range(iters):
         diff = updates - v
@@ -369,8 +411,10 @@ class Rule:
 
     def load_state(self, state: np.ndarray | None) -> None:
         if state is not None:
-            raise ValueError("the checkpoint holds an aggregator state, but this rule keeps none: resume with the "
-                             "run's own aggregator")
+            raise ValueError(
+                "the checkpoint holds an aggregator state, but this rule keeps none: resume with the "
+                "run's own aggregator"
+            )
 
 
 class FromPrevious(Rule):

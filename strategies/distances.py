@@ -40,19 +40,26 @@ def check_stack(updates: torch.Tensor, num_malicious: int, rule: str) -> None:
     with n, d >= 1, a NaN or infinite entry, or f < 0."""
     if not isinstance(updates, torch.Tensor) or updates.dim() != 2:
         shape = tuple(updates.shape) if isinstance(updates, torch.Tensor) else type(updates).__name__
-        raise ValueError(f"{rule} needs an n x d tensor of updates, one row per client (got {shape}): stack the "
-                         "flattened updates with torch.stack")
+        raise ValueError(
+            f"{rule} needs an n x d tensor of updates, one row per client (got {shape}): stack the "
+            "flattened updates with torch.stack"
+        )
     if updates.shape[0] == 0 or updates.shape[1] == 0:
-        raise ValueError(f"{rule} needs at least one update of at least one coordinate (got shape "
-                         f"{tuple(updates.shape)})")
+        raise ValueError(
+            f"{rule} needs at least one update of at least one coordinate (got shape {tuple(updates.shape)})"
+        )
     if updates.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{rule} needs float32 or float64 updates (got {updates.dtype}): convert with "
-                         ".float() or .double(); reduced-precision and integer stacks are not aggregated as they are")
+        raise ValueError(
+            f"{rule} needs float32 or float64 updates (got {updates.dtype}): convert with "
+            ".float() or .double(); reduced-precision and integer stacks are not aggregated as they are"
+        )
     low, high = torch.aminmax(updates)  # NaN propagates; one pass, 30x cheaper than isfinite(updates).all()
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-        raise ValueError(f"{rule} got a NaN or infinite entry in the updates (rows "
-                         f"{torch.nonzero(~torch.isfinite(updates).all(dim=1)).flatten().tolist()}): reject "
-                         "those updates before aggregating")
+        raise ValueError(
+            f"{rule} got a NaN or infinite entry in the updates (rows "
+            f"{torch.nonzero(~torch.isfinite(updates).all(dim=1)).flatten().tolist()}): reject "
+            "those updates before aggregating"
+        )
     if isinstance(num_malicious, bool) or not isinstance(num_malicious, int) or num_malicious < 0:
         raise ValueError(f"{rule} needs f (num_malicious) to be an integer >= 0 (got {num_malicious!r})")
 
@@ -98,8 +105,9 @@ def _centre(x: torch.Tensor, num_malicious: int) -> torch.Tensor | None:
     return benign if float(((rows - rows.mean(dim=0)) ** 2).sum()) <= 0.5 * float((rows**2).sum()) else None
 
 
-def _centred(x: torch.Tensor, start: int, benign: torch.Tensor | None, dtype: torch.dtype,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+def _centred(
+    x: torch.Tensor, start: int, benign: torch.Tensor | None, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Columns start : start + _BLOCK of the stack in `dtype`, minus the mean of the `benign` rows over them (in the
     stack's precision, so that every block of a stack is centred on the same representable point). `out` (n x
     _BLOCK of `dtype`) is reused for a copy rather than a fresh allocation per block (page faults on every block)."""
@@ -115,8 +123,9 @@ def _centred(x: torch.Tensor, start: int, benign: torch.Tensor | None, dtype: to
     return y
 
 
-def _bounds(approx: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, gamma: float, u: float, tiny: float,
-            d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bounds(
+    approx: torch.Tensor, sq: torch.Tensor, rows: torch.Tensor, gamma: float, u: float, tiny: float, d: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(lower, upper) on the exact squared distances from `rows` to every row, given computed Gram rows `approx`
     (rows x n) and squared norms `sq` of the centred rows, each within gamma of sum |y~_ik y~_jk|.
 
@@ -156,8 +165,9 @@ def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.T
     return gram, gram.diagonal().clone(), gamma
 
 
-def _float64_gram(x: torch.Tensor, benign: torch.Tensor | None,
-                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _float64_gram(
+    x: torch.Tensor, benign: torch.Tensor | None, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(G[rows, :], squared norms of every row, gamma) of fl(x - centre) in float64 (rows=None: all), one column
     block at a time. For a few rows this is one pass over the stack at a memory-bound GEMM's cost."""
     n, d = x.shape

@@ -33,4 +33,3 @@ def tilted(updates: torch.Tensor, losses: torch.Tensor, q: float) -> torch.Tenso
     tilting (Li, Beirami, Sanjabi, Smith, ICLR 2021). As rows: n softmax(q F)_k u_k. q = 0 is the plain mean."""
     weights = torch.softmax(q * losses.to(torch.float64), dim=0)
     return updates * (updates.shape[0] * weights).to(updates.dtype)[:, None]
-

@@ -49,12 +49,16 @@ def load_device_keys(path: Path, num_clients: int) -> dict[bytes, int]:
     try:
         listed = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"device_keys={path} cannot be read as JSON ({err}): write {{\"0\": \"ecdsa-sha2-nistp384 "
-                         "AAAA...\", ...}, one OpenSSH public key per partition id") from None
+        raise ValueError(
+            f'device_keys={path} cannot be read as JSON ({err}): write {{"0": "ecdsa-sha2-nistp384 '
+            'AAAA...", ...}, one OpenSSH public key per partition id'
+        ) from None
     if not isinstance(listed, dict) or sorted(listed) != sorted(str(k) for k in range(num_clients)):
         named = sorted(listed) if isinstance(listed, dict) else listed
-        raise ValueError(f"device_keys={path} must name every partition id 0..{num_clients - 1} once "
-                         f"(num_clients={num_clients}); it names {named}")
+        raise ValueError(
+            f"device_keys={path} must name every partition id 0..{num_clients - 1} once "
+            f"(num_clients={num_clients}); it names {named}"
+        )
     from cryptography.exceptions import UnsupportedAlgorithm
 
     keys: dict[bytes, int] = {}
@@ -73,8 +77,10 @@ def node_public_keys(proxies: Iterable[ClientProxy]) -> dict[str, bytes]:
     """The public key the SuperLink holds for each node (by node id as a string), asked once per Grid."""
     grids = {id(g): g for g in (getattr(p, "grid", None) for p in proxies) if g is not None}
     if not grids:
-        raise RuntimeError("device_keys is set but the nodes come with no Grid to ask for their keys: binding devices "
-                           "to keys needs a deployment (SuperLink and SuperNodes); unset device_keys in simulation")
+        raise RuntimeError(
+            "device_keys is set but the nodes come with no Grid to ask for their keys: binding devices "
+            "to keys needs a deployment (SuperLink and SuperNodes); unset device_keys in simulation"
+        )
     return {str(node.node_id): bytes(node.public_key) for grid in grids.values() for node in grid.get_nodes()}
 
 

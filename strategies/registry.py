@@ -24,8 +24,15 @@ class DeviceRegistry:
     SuperLink authenticated it with. Each refusal is passed to `exclude(round, refusals)` (the strategy logs and
     counts it)."""
 
-    def __init__(self, *, num_clients: int, connect_timeout: float, min_devices: int,
-                 device_keys: dict[bytes, int] | None, exclude: Callable[[int, list[Refusal]], None]) -> None:
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        connect_timeout: float,
+        min_devices: int,
+        device_keys: dict[bytes, int] | None,
+        exclude: Callable[[int, list[Refusal]], None],
+    ) -> None:
         self.num_clients = num_clients
         self.connect_timeout = connect_timeout
         self.min_devices = min_devices
@@ -66,8 +73,12 @@ class DeviceRegistry:
             )
         log(INFO, "%d devices connected and identified after %.1f s", len(devices), self.connected_after)
         if missing:
-            log(WARNING, "starting without devices %s: they were not identified within %.0f s", missing,
-                self.connect_timeout)
+            log(
+                WARNING,
+                "starting without devices %s: they were not identified within %.0f s",
+                missing,
+                self.connect_timeout,
+            )
         return devices
 
     def _identify(self, proxies: dict[str, ClientProxy], server_round: int) -> dict[int, ClientProxy]:
@@ -77,6 +88,7 @@ class DeviceRegistry:
             return self._cached[1]  # no node joined, left or reconnected since the last call
         new = {cid: p for cid, p in proxies.items() if self._asked.get(cid) is not p}
         if new:
+
             def ask(proxy: ClientProxy):  # -> GetPropertiesRes | BaseException
                 try:
                     return proxy.get_properties(GetPropertiesIns({}), self.connect_timeout, 0)
@@ -100,7 +112,12 @@ class DeviceRegistry:
             self.exclude(server_round, refusals)
         devices = {pid: proxies[cid] for cid, pid in self._partition_of.items() if cid in proxies}  # newest wins
         if len(devices) < self.num_clients and self.connected_after is not None:
-            log(WARNING, "%d of %d devices connected; missing: %s", len(devices), self.num_clients,
-                sorted(set(range(self.num_clients)) - set(devices)))
+            log(
+                WARNING,
+                "%d of %d devices connected; missing: %s",
+                len(devices),
+                self.num_clients,
+                sorted(set(range(self.num_clients)) - set(devices)),
+            )
         self._cached = (connections, devices)
         return devices

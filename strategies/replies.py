@@ -30,8 +30,9 @@ def check_update(update: NDArrays, reference: NDArrays, max_norm: float | None =
     return None
 
 
-def check_fit(res: FitRes, reference: NDArrays, max_norm: float | None,
-              needs_loss: bool) -> tuple[NDArrays, str | None]:
+def check_fit(
+    res: FitRes, reference: NDArrays, max_norm: float | None, needs_loss: bool
+) -> tuple[NDArrays, str | None]:
     """The decoded update of the fit reply `res` and why it cannot be aggregated (None when it can): undecodable
     or malformed (`check_update`), no training sample, or (`needs_loss`: a fair solver rescales by it) no usable
     `train_loss`."""

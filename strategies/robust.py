@@ -127,9 +127,13 @@ class RobustStrategy(Strategy):
         self.sample_sizes = None if sample_sizes is None else tuple(int(n) for n in sample_sizes)
         self.evaluation_keys = evaluation_keys
         self.device = torch.device(device)
-        self.registry = DeviceRegistry(num_clients=num_clients, connect_timeout=connect_timeout,
-                                       min_devices=clients_per_round if min_devices is None else min_devices,
-                                       device_keys=device_keys, exclude=self._exclude)
+        self.registry = DeviceRegistry(
+            num_clients=num_clients,
+            connect_timeout=connect_timeout,
+            min_devices=clients_per_round if min_devices is None else min_devices,
+            device_keys=device_keys,
+            exclude=self._exclude,
+        )
         self.rounds: list[dict[str, Any]] = []
         self._global: NDArrays = []
         self._sent_to: dict[int, int] = {}  # id of each node asked this phase -> the device it was asked as
@@ -151,8 +155,14 @@ class RobustStrategy(Strategy):
     def _exclude(self, server_round: int, refusals: list[Refusal]) -> None:
         entry = self._log_round(server_round)
         for refusal in refusals:
-            log(WARNING, "round %d: node %s is refused as a device (claimed %s): %s", server_round, refusal.node,
-                refusal.claimed, refusal.reason)
+            log(
+                WARNING,
+                "round %d: node %s is refused as a device (claimed %s): %s",
+                server_round,
+                refusal.node,
+                refusal.claimed,
+                refusal.reason,
+            )
             entry["exclusions"].append(refusal.as_dict())
         entry["excluded_nodes"] = len(entry["exclusions"])
 
@@ -193,8 +203,9 @@ class RobustStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rows, weights, senders, losses, rejected = [], [], [], [], 0
-        by_device = sorted(((self._sent_to.get(id(proxy), -1), proxy, res) for proxy, res in results),
-                           key=lambda item: item[0])
+        by_device = sorted(
+            ((self._sent_to.get(id(proxy), -1), proxy, res) for proxy, res in results), key=lambda item: item[0]
+        )
         for pid, proxy, res in by_device:
             update, reason = check_fit(res, self._global, self.max_update_norm, needs_loss=self.reweight is not None)
             if reason is not None:
@@ -209,23 +220,37 @@ class RobustStrategy(Strategy):
         if rows:
             stacked = torch.from_numpy(np.stack(rows)).to(self.device)  # one copy to the device, then all work there
             if self.threat_model is not None:  # threat-model simulation: omniscient attackers' slots
-                stacked = self.threat_model(stacked, torch.tensor([p in self.malicious for p in senders],
-                                                                  device=self.device))
+                stacked = self.threat_model(
+                    stacked, torch.tensor([p in self.malicious for p in senders], device=self.device)
+                )
             if self.reweight is not None:
                 stacked = self.reweight(stacked, torch.tensor(losses, dtype=torch.float64, device=self.device))
             try:
-                delta = self.aggregate(stacked, torch.tensor(weights, dtype=torch.float64, device=self.device),
-                                       self.num_malicious)
+                delta = self.aggregate(
+                    stacked, torch.tensor(weights, dtype=torch.float64, device=self.device), self.num_malicious
+                )
             except ValueError as err:  # too few accepted updates for the rule this round
                 skipped = 1
                 log(WARNING, "round %d: kept the global model, the aggregator cannot run: %s", server_round, err)
             else:
                 self._global = unflatten(flatten(self._global) + delta.cpu().numpy(), self._global)
-        metrics = {"accepted_updates": len(rows), "rejected_updates": rejected, "failed_clients": len(failures),
-                   "skipped_aggregation": skipped}
+        metrics = {
+            "accepted_updates": len(rows),
+            "rejected_updates": rejected,
+            "failed_clients": len(failures),
+            "skipped_aggregation": skipped,
+        }
         entry = self._log_round(server_round, **metrics)
-        log(INFO, "round %d/%d: %d updates aggregated, %d rejected, %d failed (%.1f s)",
-            server_round, self.num_rounds, len(rows), rejected, len(failures), entry["seconds"])
+        log(
+            INFO,
+            "round %d/%d: %d updates aggregated, %d rejected, %d failed (%.1f s)",
+            server_round,
+            self.num_rounds,
+            len(rows),
+            rejected,
+            len(failures),
+            entry["seconds"],
+        )
         return ndarrays_to_parameters(self._global), metrics
 
     def configure_evaluate(
@@ -234,8 +259,9 @@ class RobustStrategy(Strategy):
         if not evaluates(server_round, self.eval_every, self.num_rounds):
             return []
         ins = EvaluateIns(parameters, {"server_round": server_round})
-        return self._send(server_round, "sent_evaluations", sorted(self._devices(client_manager, server_round).items()),
-                          ins)
+        return self._send(
+            server_round, "sent_evaluations", sorted(self._devices(client_manager, server_round).items()), ins
+        )
 
     def aggregate_evaluate(
         self,
@@ -246,8 +272,11 @@ class RobustStrategy(Strategy):
         rows, rejected = [], 0
         for proxy, res in results:
             pid = self._sent_to.get(id(proxy))
-            reason = ("a reply from a node no evaluation was sent to" if pid is None
-                      else check_evaluation(res, pid, self.evaluation_keys))
+            reason = (
+                "a reply from a node no evaluation was sent to"
+                if pid is None
+                else check_evaluation(res, pid, self.evaluation_keys)
+            )
             if reason is not None:
                 rejected += 1
                 log(WARNING, "round %d: rejected the evaluation of device %s: %s", server_round, pid, reason)
@@ -257,11 +286,21 @@ class RobustStrategy(Strategy):
         total = sum(r["num_examples"] for r in rows)
         loss = sum(r["loss"] * r["num_examples"] for r in rows) / total if total else None
         summary = self.evaluate_metrics_fn(server_round, rows) if self.evaluate_metrics_fn else {}
-        self._log_round(server_round, evaluations=len(rows), rejected_evaluations=rejected,
-                        failed_evaluations=len(failures), **summary)
+        self._log_round(
+            server_round,
+            evaluations=len(rows),
+            rejected_evaluations=rejected,
+            failed_evaluations=len(failures),
+            **summary,
+        )
         headline = ("benign_acc", "benign_std_acc")  # Flower's history keeps only scalars: the headline ones
-        flat = {f"{kind}_{k}": m[k] for kind, m in summary.items() if isinstance(m, dict) for k in headline
-                if isinstance(m.get(k), (int, float))}
+        flat = {
+            f"{kind}_{k}": m[k]
+            for kind, m in summary.items()
+            if isinstance(m, dict)
+            for k in headline
+            if isinstance(m.get(k), (int, float))
+        }
         return loss, flat
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:

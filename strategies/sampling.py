@@ -26,8 +26,10 @@ def sample_devices(
         return sorted(rng.choice(num_clients, size=clients_per_round, replace=False).tolist())
     n = np.asarray(sizes, dtype=np.float64)
     if n.shape != (num_clients,) or not np.all(n > 0):
-        raise ValueError(f"sampling=size needs a positive training sample count for each of the {num_clients} "
-                         f"devices; got {n.shape[0] if n.ndim == 1 else n.shape} counts, smallest {n.min(initial=0):g}")
+        raise ValueError(
+            f"sampling=size needs a positive training sample count for each of the {num_clients} "
+            f"devices; got {n.shape[0] if n.ndim == 1 else n.shape} counts, smallest {n.min(initial=0):g}"
+        )
     return sorted(rng.choice(num_clients, size=clients_per_round, replace=False, p=n / n.sum()).tolist())
 
 

@@ -126,8 +126,9 @@ def test_configuration_check_names_the_fix() -> None:
 def test_median_and_trimmed_mean_equal_flowers(n: int) -> None:
     x = torch.randn(n, 5000, generator=torch.Generator().manual_seed(n))  # 16 column blocks, the last one partial
     np.testing.assert_allclose(median(x, ONES(n)).numpy(), aggregate_median(_flower(x))[0], atol=1e-6)
-    np.testing.assert_allclose(trimmed_mean(x, ONES(n), beta=0.2).numpy(),
-                               aggregate_trimmed_avg(_flower(x), 0.2)[0], atol=1e-6)
+    np.testing.assert_allclose(
+        trimmed_mean(x, ONES(n), beta=0.2).numpy(), aggregate_trimmed_avg(_flower(x), 0.2)[0], atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(("n", "f"), [(7, 1), (10, 2), (12, 3)])
@@ -135,8 +136,9 @@ def test_krum_equals_flowers_and_multikrum_differs_only_in_weighting(n: int, f: 
     x = torch.randn(n, 5000, generator=torch.Generator().manual_seed(n + f))  # float64 blocks, float32 chunks
     np.testing.assert_allclose(krum(x, ONES(n), f).numpy(), aggregate_krum(_flower(x), f, 0)[0], atol=1e-6)
     # Flower's Multi-Krum is weighted by num_examples; with equal counts it is our unweighted mean
-    np.testing.assert_allclose(multikrum(x, ONES(n), f, m=n - f).numpy(),
-                               aggregate_krum(_flower(x), f, n - f)[0], atol=1e-6)
+    np.testing.assert_allclose(
+        multikrum(x, ONES(n), f, m=n - f).numpy(), aggregate_krum(_flower(x), f, n - f)[0], atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(("n", "f"), [(7, 1), (11, 2)])
@@ -148,8 +150,16 @@ def test_bulyan_equals_flowers_with_krum_selection(n: int, f: int) -> None:
 
 # -- properties ---------------------------------------------------------------------------------------------------
 RULES = {
-    "mean": {}, "median": {}, "trimmed_mean": {"beta": 0.2}, "krum": {}, "multikrum": {}, "bulyan": {},
-    "knorm": {}, "norm_clip": {}, "geomed": {"tol": 1e-9, "max_iter": 500}, "centered_clip": {"tau": 1.0},
+    "mean": {},
+    "median": {},
+    "trimmed_mean": {"beta": 0.2},
+    "krum": {},
+    "multikrum": {},
+    "bulyan": {},
+    "knorm": {},
+    "norm_clip": {},
+    "geomed": {"tol": 1e-9, "max_iter": 500},
+    "centered_clip": {"tau": 1.0},
 }
 ROBUST = ["median", "trimmed_mean", "krum", "multikrum", "bulyan", "knorm", "norm_clip", "geomed", "centered_clip"]
 
@@ -227,8 +237,15 @@ def test_every_rule_names_bad_input_in_a_value_error(name: str, case: str) -> No
         AGGREGATORS[name](x, torch.ones(x.shape[0], dtype=torch.float64), f, **RULES[name])
 
 
-@pytest.mark.parametrize(("name", "f", "message"), [
-    ("krum", 9, "n >= f \\+ 3"), ("multikrum", 9, "n >= f \\+ 3"), ("bulyan", 3, "4f \\+ 3"), ("knorm", 12, "f \\+ 1")])
+@pytest.mark.parametrize(
+    ("name", "f", "message"),
+    [
+        ("krum", 9, "n >= f \\+ 3"),
+        ("multikrum", 9, "n >= f \\+ 3"),
+        ("bulyan", 3, "4f \\+ 3"),
+        ("knorm", 12, "f \\+ 1"),
+    ],
+)
 def test_f_beyond_what_the_rule_tolerates_is_a_value_error(name: str, f: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AGGREGATORS[name](_ok_stack(), ONES(11, dtype=torch.float64), f)
@@ -284,8 +301,12 @@ def _argmin(x: torch.Tensor) -> tuple[np.ndarray, float]:
     independent reference; the median itself where it is better, as in 1-D)."""
     a = x.double().numpy()
     objective = lambda z: np.linalg.norm(a - z, axis=1).mean()  # noqa: E731
-    res = minimize(objective, np.median(a, axis=0), method="Nelder-Mead",
-                   options={"xatol": 1e-12, "fatol": 1e-14, "maxiter": 20000, "maxfev": 40000})
+    res = minimize(
+        objective,
+        np.median(a, axis=0),
+        method="Nelder-Mead",
+        options={"xatol": 1e-12, "fatol": 1e-14, "maxiter": 20000, "maxfev": 40000},
+    )
     res = min([res, minimize(objective, res.x, method="BFGS", options={"gtol": 1e-13})], key=lambda r: r.fun)
     median = np.median(a, axis=0)
     return (median, objective(median)) if objective(median) <= res.fun else (res.x, float(res.fun))
@@ -336,12 +357,14 @@ def test_median_trimmed_mean_and_knorm_equal_brute_force_float64(x: torch.Tensor
     assert torch.equal(median(x, ONES(n)), torch.from_numpy(np.median(a, axis=0)))
     k = f if n - 2 * f >= 1 else 0
     kept = np.sort(a, axis=0)[k : n - k]
-    np.testing.assert_allclose(trimmed_mean(x, ONES(n), f, trim="f").numpy(), kept.mean(axis=0), rtol=1e-12,
-                               atol=1e-12 * np.abs(kept).max())
+    np.testing.assert_allclose(
+        trimmed_mean(x, ONES(n), f, trim="f").numpy(), kept.mean(axis=0), rtol=1e-12, atol=1e-12 * np.abs(kept).max()
+    )
     norms = np.sqrt((a * a).sum(axis=1))
     keep = np.argsort(norms, kind="stable")[: n - f]
-    np.testing.assert_allclose(knorm(x, ONES(n), f).numpy(), a[keep].mean(axis=0), rtol=1e-12,
-                               atol=1e-12 * np.abs(a[keep]).max())
+    np.testing.assert_allclose(
+        knorm(x, ONES(n), f).numpy(), a[keep].mean(axis=0), rtol=1e-12, atol=1e-12 * np.abs(a[keep]).max()
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -356,8 +379,12 @@ def test_krum_and_multikrum_equal_the_brute_force_rows(x: torch.Tensor, f: int) 
     scores = torch.sort(dist, dim=1).values[:, 1 : k + 1].sum(dim=1)
     order = torch.argsort(scores, stable=True)
     assert torch.equal(krum(x, ONES(n), f), x[order[0]])
-    np.testing.assert_allclose(multikrum(x, ONES(n), f).numpy(), x[order[: n - f]].mean(dim=0).numpy(),
-                               rtol=1e-12, atol=1e-12 * float(x[order[: n - f]].abs().max()))
+    np.testing.assert_allclose(
+        multikrum(x, ONES(n), f).numpy(),
+        x[order[: n - f]].mean(dim=0).numpy(),
+        rtol=1e-12,
+        atol=1e-12 * float(x[order[: n - f]].abs().max()),
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -383,8 +410,9 @@ def test_bulyan_equals_the_brute_force_definition(seed: int, n: int, d: int, hug
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), theta=st.integers(1, 30), data=st.data(), spread=st.sampled_from([1, 2, 5, 1000]))
-def test_bulyans_coordinate_step_breaks_distance_ties_by_row_order(seed: int, theta: int, data: st.DataObject,
-                                                                   spread: int) -> None:
+def test_bulyans_coordinate_step_breaks_distance_ties_by_row_order(
+    seed: int, theta: int, data: st.DataObject, spread: int
+) -> None:
     """The window of the sorted values equals the stable ranking of distances to the median, also where integer
     values tie at m - r and m + r for the last place (the row order decides which one counts)."""
     beta = data.draw(st.integers(1, theta))

@@ -53,8 +53,10 @@ def test_label_poisoning_touches_only_malicious_devices_training_labels() -> Non
         same = torch.equal(client.y_train, federation.devices[k].y_train)
         assert same == (k not in bad)
         assert torch.equal(client.y_test, federation.devices[k].y_test)  # test labels stay clean
-    assert torch.equal(DittoClient(cfg, min(bad), MemoryStore(RecordDict())).y_train,
-                       DittoClient(cfg, min(bad), MemoryStore(RecordDict())).y_train)  # fixed for the run
+    assert torch.equal(
+        DittoClient(cfg, min(bad), MemoryStore(RecordDict())).y_train,
+        DittoClient(cfg, min(bad), MemoryStore(RecordDict())).y_train,
+    )  # fixed for the run
 
 
 def test_gaussian_update_has_the_true_updates_std() -> None:

@@ -23,8 +23,16 @@ pytestmark = pytest.mark.slow
 
 SEED, N, PER_ROUND, ROUNDS = 18, 5, 2, 10
 FORGER, VICTIM = 4, 1  # device 4 forges its evaluation; the impostor claims device 1
-CONFIG = [f"num_clients={N}", f"clients_per_round={PER_ROUND}", f"num_rounds={ROUNDS}", f"eval_every={ROUNDS}",
-          "local_steps=2", "attack=none", "personal_state=disk", f"seed={SEED}"]
+CONFIG = [
+    f"num_clients={N}",
+    f"clients_per_round={PER_ROUND}",
+    f"num_rounds={ROUNDS}",
+    f"eval_every={ROUNDS}",
+    "local_steps=2",
+    "attack=none",
+    "personal_state=disk",
+    f"seed={SEED}",
+]
 RUN_DEADLINE = 1200  # s; the run took 10-14 min on 2 cores shared with five other test runs
 
 
@@ -49,8 +57,9 @@ def _chaos(deployment: LocalDeployment, rng: random.Random, started: float) -> d
     time.sleep(rng.uniform(1.0, 5.0))
     deadline = time.monotonic() + 240
     starts = {}
-    threads = [threading.Thread(target=lambda k=k: starts.__setitem__(k, deployment.restart_node(k, deadline)))
-               for k in killed]
+    threads = [
+        threading.Thread(target=lambda k=k: starts.__setitem__(k, deployment.restart_node(k, deadline))) for k in killed
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -62,12 +71,18 @@ def test_a_run_survives_kills_an_impostor_and_a_forged_evaluation(tmp_path: Path
     rng = random.Random(SEED)
     started = time.monotonic()
     out: dict = {}
-    with LocalDeployment(tmp_path, N, tls=True, spare_keys=1,
-                         node_config={FORGER: 'rogue="forge-evaluation"'}) as deployment:
+    with LocalDeployment(
+        tmp_path, N, tls=True, spare_keys=1, node_config={FORGER: 'rogue="forge-evaluation"'}
+    ) as deployment:
+
         def run() -> None:
             try:
-                out["path"] = deployment.run([*CONFIG, f"device_keys={deployment.device_keys}"],
-                                             tmp_path / "results", timeout=RUN_DEADLINE, echo=False)
+                out["path"] = deployment.run(
+                    [*CONFIG, f"device_keys={deployment.device_keys}"],
+                    tmp_path / "results",
+                    timeout=RUN_DEADLINE,
+                    echo=False,
+                )
             except Exception as err:  # reported by the assertion below
                 out["error"] = err
 
@@ -87,8 +102,9 @@ def test_a_run_survives_kills_an_impostor_and_a_forged_evaluation(tmp_path: Path
         if "sent_evaluations" in x:
             assert x["evaluations"] + x["rejected_evaluations"] + x["failed_evaluations"] == x["sent_evaluations"], x
     exclusions = [e for x in r["rounds"] for e in x["exclusions"]]
-    assert exclusions and all(e["claimed"] == VICTIM and "not listed in device_keys" in e["reason"]
-                              for e in exclusions), exclusions
+    assert exclusions and all(
+        e["claimed"] == VICTIM and "not listed in device_keys" in e["reason"] for e in exclusions
+    ), exclusions
     assert r["excluded_nodes_total"] == len(exclusions)
     assert not DiskStore(tmp_path / "state" / "impostor" / f"device-{VICTIM}").versions(), "the impostor trained"
 
@@ -102,6 +118,8 @@ def test_a_run_survives_kills_an_impostor_and_a_forged_evaluation(tmp_path: Path
         assert list(trained) == sorted(set(trained)) and set(trained) <= set(_sampled(k)), (k, trained)
         if k not in chaos["killed"]:
             assert list(trained) == _sampled(k), f"device {k} was never killed yet lost a round: {trained}"
-    print(f"\nchaos: {N} devices + 1 impostor, {ROUNDS} rounds, killed {chaos['killed']} (restarts needed "
-          f"{chaos['starts']} starts), impostor refused {len(exclusions)}x, forged evaluations refused "
-          f"{r['rejected_evaluations_total']}, failed fits {r['failed_clients_total']}, wall {wall:.0f} s")
+    print(
+        f"\nchaos: {N} devices + 1 impostor, {ROUNDS} rounds, killed {chaos['killed']} (restarts needed "
+        f"{chaos['starts']} starts), impostor refused {len(exclusions)}x, forged evaluations refused "
+        f"{r['rejected_evaluations_total']}, failed fits {r['failed_clients_total']}, wall {wall:.0f} s"
+    )

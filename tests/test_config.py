@@ -19,8 +19,10 @@ from app.simulate import finished
 from strategies.aggregators import AGGREGATORS
 
 
-@pytest.mark.parametrize(("group", "registry"),
-                         [("dataset", DATASETS), ("attack", ATTACKS), ("aggregator", AGGREGATORS), ("method", METHODS)])
+@pytest.mark.parametrize(
+    ("group", "registry"),
+    [("dataset", DATASETS), ("attack", ATTACKS), ("aggregator", AGGREGATORS), ("method", METHODS)],
+)
 def test_config_groups_mirror_the_registries(group: str, registry: dict) -> None:
     files = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
     assert files == set(registry)
@@ -32,7 +34,12 @@ def test_config_groups_mirror_the_registries(group: str, registry: dict) -> None
 def test_default_experiment_is_digits_a1_half_malicious_ditto_lambda_one() -> None:
     cfg = compose_config()
     assert (cfg.dataset.name, cfg.attack.name, cfg.attack.fraction, cfg.method.name, cfg.method.lam) == (
-        "digits", "label_poison", 0.5, "ditto", 1.0)
+        "digits",
+        "label_poison",
+        0.5,
+        "ditto",
+        1.0,
+    )
 
 
 @pytest.mark.parametrize(
@@ -83,11 +90,13 @@ def test_unknown_key_is_refused() -> None:
 
 
 def test_config_cli_prints_a_value_or_the_error() -> None:
-    ok = subprocess.run([sys.executable, "-m", "app.config", "num_clients", "num_clients=7"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "app.config", "num_clients", "num_clients=7"], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and ok.stdout.strip() == "7"
-    bad = subprocess.run([sys.executable, "-m", "app.config", "num_clients", "method=fedfoo"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "app.config", "num_clients", "method=fedfoo"], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "fedfoo" in bad.stderr and "ditto" in bad.stderr
 
 

@@ -11,8 +11,14 @@ from app.data import consecutive_partition, load_federation, partition_indices, 
 
 
 def _dataset(**kw) -> OmegaConf:
-    base = {"name": "digits", "model": "mlp", "partitioner": "dirichlet", "alpha": 0.5, "classes_per_client": 3,
-            "test_fraction": 0.25}
+    base = {
+        "name": "digits",
+        "model": "mlp",
+        "partitioner": "dirichlet",
+        "alpha": 0.5,
+        "classes_per_client": 3,
+        "test_fraction": 0.25,
+    }
     return OmegaConf.create({**base, **kw})
 
 
@@ -51,8 +57,10 @@ def test_federation_splits_each_device_and_is_seeded() -> None:
     again = load_federation(_dataset(), 12, seed=3)
     other = load_federation(_dataset(), 12, seed=4)
     assert all(torch.equal(a.y_train, b.y_train) for a, b in zip(fed.devices, again.devices))
-    assert any(len(a.y_train) != len(b.y_train) or not torch.equal(a.y_train, b.y_train)
-               for a, b in zip(fed.devices, other.devices))
+    assert any(
+        len(a.y_train) != len(b.y_train) or not torch.equal(a.y_train, b.y_train)
+        for a, b in zip(fed.devices, other.devices)
+    )
 
 
 def test_device_split_is_disjoint_complete_and_seeded() -> None:
@@ -85,8 +93,8 @@ def _official_fmnist(train_labels: np.ndarray, test_labels: np.ndarray, seed: in
                 idx_train[c] = 0
             if idx_test[c] + n_test > len(test[c]):
                 idx_test[c] = 0
-            out_train[user] += train[c][idx_train[c]: idx_train[c] + n_train]
-            out_test[user] += test[c][idx_test[c]: idx_test[c] + n_test]
+            out_train[user] += train[c][idx_train[c] : idx_train[c] + n_train]
+            out_test[user] += test[c][idx_test[c] : idx_test[c] + n_test]
             idx_train[c] += n_train
             idx_test[c] += n_test
     return out_train, out_test
@@ -115,8 +123,15 @@ def test_consecutive_gives_every_device_its_five_classes_on_70000_pooled_labels(
     """A table without a test split (70,000 pooled labels, 7,000 per class): every device holds exactly its classes
     k..k+4 (mod 10) on both sides, and no example is both a training and a test example."""
     labels = np.concatenate(fmnist_labels)
-    cfg = OmegaConf.create({"name": "fashion_mnist", "partitioner": "consecutive", "classes_per_client": 5,
-                            "test_fraction": 0.143, "partition_seed": None})
+    cfg = OmegaConf.create(
+        {
+            "name": "fashion_mnist",
+            "partitioner": "consecutive",
+            "classes_per_client": 5,
+            "test_fraction": 0.143,
+            "partition_seed": None,
+        }
+    )
     train, test = split_pool(labels, 10, cfg, 500, seed)
     assert len(train) == len(test) == 500
     for k, (tr, te) in enumerate(zip(train, test)):

@@ -70,9 +70,14 @@ def femnist_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
             rows["character"].append(int(rng.integers(0, 62)))
             rows["hsf_id"].append(int(rng.integers(0, 8)))
             uid += 1
-    features = datasets.Features({"image": datasets.Image(), "writer_id": datasets.Value("string"),
-                                  "character": datasets.ClassLabel(num_classes=62),
-                                  "hsf_id": datasets.Value("int64")})
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "writer_id": datasets.Value("string"),
+            "character": datasets.ClassLabel(num_classes=62),
+            "hsf_id": datasets.Value("int64"),
+        }
+    )
     folder = tmp_path_factory.mktemp("femnist")
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(str(folder))
     return folder
@@ -105,11 +110,20 @@ def test_celeba_natural_partition_resized_and_smiling_task(tmp_path: Path) -> No
         rows["celeb_id"].append(100 + celeb)
         rows["Smiling"].append(bool(rng.integers(0, 2)))
         rows["Male"].append(bool(rng.integers(0, 2)))
-    table = datasets.Dataset.from_dict(rows, features=datasets.Features(
-        {"image": datasets.Image(), "celeb_id": datasets.Value("int64"), "Smiling": datasets.Value("bool"),
-         "Male": datasets.Value("bool")}))
+    table = datasets.Dataset.from_dict(
+        rows,
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "celeb_id": datasets.Value("int64"),
+                "Smiling": datasets.Value("bool"),
+                "Male": datasets.Value("bool"),
+            }
+        ),
+    )
     datasets.DatasetDict({"train": table.select(range(40)), "valid": table.select(range(40, 60))}).save_to_disk(
-        str(tmp_path))
+        str(tmp_path)
+    )
     # resizing mixes neighbouring pixels (the ids are unreadable): devices are checked by their sizes and labels
     fed = load_federation(_dataset_cfg("celeba", path=str(tmp_path), image_size=16), 6, seed=0)
     assert fed.input_shape == (3, 16, 16) and fed.num_classes == 2 and len(fed.devices) == 6
@@ -181,16 +195,19 @@ def test_cifar10_from_raw_parquet_files_with_dirichlet_skew(tmp_path: Path) -> N
     for uid in range(400):
         rows["img"].append(_tagged_image(uid, uid % 10, (32, 32), "RGB", rng))
         rows["label"].append(uid % 10)
-    table = datasets.Dataset.from_dict(rows, features=datasets.Features(
-        {"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}))
+    table = datasets.Dataset.from_dict(
+        rows, features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    )
     table.to_parquet(str(tmp_path / "train.parquet"))
     cfg = _dataset_cfg("cifar10", path=str(tmp_path), alpha=0.3)
     fed = load_federation(cfg, 5, seed=0)
     assert fed.input_shape == (3, 32, 32) and len(fed.devices) == 5
     _assert_disjoint(fed)
     assert sum(len(d.y_train) + len(d.y_test) for d in fed.devices) == 400
-    shares = [np.bincount(torch.cat([d.y_train, d.y_test]).numpy(), minlength=10).max() /
-              (len(d.y_train) + len(d.y_test)) for d in fed.devices]
+    shares = [
+        np.bincount(torch.cat([d.y_train, d.y_test]).numpy(), minlength=10).max() / (len(d.y_train) + len(d.y_test))
+        for d in fed.devices
+    ]
     assert np.mean(shares) > 0.2, "Dirichlet(0.3) should skew the labels well above the uniform 0.1"
 
 
@@ -203,9 +220,11 @@ def test_missing_local_copy_says_what_to_do(tmp_path: Path) -> None:
 def test_unreachable_hub_says_what_to_do() -> None:
     """With the hub unreachable (offline mode, as on a machine without internet), the error names the hub id and
     the local-copy fix. Run in a child so the offline switch does not leak into other tests."""
-    code = ("from app.config import compose_config; from app.data import load_federation, DataUnavailable\n"
-            "cfg = compose_config(['dataset=celeba'])\n"
-            "try:\n    load_federation(cfg.dataset, 4, 0)\nexcept DataUnavailable as e:\n    print(e)\n")
+    code = (
+        "from app.config import compose_config; from app.data import load_federation, DataUnavailable\n"
+        "cfg = compose_config(['dataset=celeba'])\n"
+        "try:\n    load_federation(cfg.dataset, 4, 0)\nexcept DataUnavailable as e:\n    print(e)\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "flwrlabs/celeba" in out.stdout and "set dataset.path=DIR" in out.stdout, out.stdout + out.stderr

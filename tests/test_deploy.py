@@ -18,8 +18,11 @@ THREE = ["num_clients=3", "clients_per_round=3", "eval_every=100", "local_steps=
 
 
 def _alive(pids: set[int]) -> set[int]:
-    return {p for p in pids if Path(f"/proc/{p}").exists()
-            and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+    return {
+        p
+        for p in pids
+        if Path(f"/proc/{p}").exists() and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    }
 
 
 def _check_results(path: Path, deployment: LocalDeployment, rounds: int) -> dict:

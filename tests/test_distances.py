@@ -118,9 +118,11 @@ def test_selection_equals_brute_force_on_near_ties(seed: int, keep: int) -> None
 
 def test_bounds_contain_the_exact_distances_and_settle_clear_cases(monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(0)
-    for x in (torch.randn(20, 4096 * 2 + 70, generator=g),  # a partial chunk and a partial block
-              torch.cat([torch.randn(7, 500, generator=g), 1e6 * torch.randn(2, 500, generator=g)]),
-              torch.randn(9, 1000, generator=g, dtype=torch.float64) + 5.0):
+    for x in (
+        torch.randn(20, 4096 * 2 + 70, generator=g),  # a partial chunk and a partial block
+        torch.cat([torch.randn(7, 500, generator=g), 1e6 * torch.randn(2, 500, generator=g)]),
+        torch.randn(9, 1000, generator=g, dtype=torch.float64) + 5.0,
+    ):
         intervals = _Intervals(x, 2)
         exact = _brute(x)
         off = ~torch.eye(len(x), dtype=torch.bool)

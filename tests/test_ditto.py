@@ -52,8 +52,9 @@ def test_global_step_is_plain_sgd() -> None:
 
 def _round(global_w: list[float], personal_w: list[float], lam: float, steps: int, lr: float = 0.1):
     g, p = _linear(global_w), _linear(personal_w)
-    ditto.local_round(g, p, X, Y, steps=steps, batch_size=2, lr=lr, lam=lam, loss_fn=_mse,
-                      generator=torch.Generator().manual_seed(0))
+    ditto.local_round(
+        g, p, X, Y, steps=steps, batch_size=2, lr=lr, lam=lam, loss_fn=_mse, generator=torch.Generator().manual_seed(0)
+    )
     return g.weight.detach()[0], p.weight.detach()[0]
 
 
@@ -110,8 +111,14 @@ def test_evaluate_counts_correct_predictions() -> None:
 
 def test_the_named_random_streams_keep_the_values_every_result_was_drawn_with() -> None:
     """Renaming is free, renumbering is not: each stream's value seeds every run's draws of that purpose."""
-    assert {s.name: s.value for s in Stream} == {"BATCHES": 0, "LABEL_POISON": 1, "UPDATE_ATTACK": 2, "DROPOUT": 3,
-                                                "FINETUNE": 4, "VALIDATION_SPLIT": 5}
+    assert {s.name: s.value for s in Stream} == {
+        "BATCHES": 0,
+        "LABEL_POISON": 1,
+        "UPDATE_ATTACK": 2,
+        "DROPOUT": 3,
+        "FINETUNE": 4,
+        "VALIDATION_SPLIT": 5,
+    }
     state = np.random.SeedSequence([7, 3, 5, 0]).generate_state(1)[0]
     assert round_generator(7, 3, 5, Stream.BATCHES).initial_seed() == int(state)
     assert attack_rng(7, 3, 5).random() == np.random.default_rng([7, 3, 5, 2]).random()

@@ -17,8 +17,14 @@ SMALL = ["num_clients=5", "clients_per_round=3", "num_rounds=3", "eval_every=2",
 
 
 def _simulate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.simulate", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=flower_env(cwd / ".flwr"))
+    return subprocess.run(
+        [sys.executable, "-m", "app.simulate", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=flower_env(cwd / ".flwr"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +50,18 @@ def test_hydra_entry_writes_the_documented_results(hydra_run: dict) -> None:
     assert [c["client_id"] for c in r["clients"]] == list(range(5))
     assert {c["client_id"] for c in r["clients"] if c["malicious"]} == set(r["malicious_clients"])
     assert len(r["malicious_clients"]) == 2  # floor(0.5 * 5)
-    assert all({"client_id", "malicious", "n_train", "n_test", "acc_global", "acc_personal"} <= set(c)
-               for c in r["clients"])
+    assert all(
+        {"client_id", "malicious", "n_train", "n_test", "acc_global", "acc_personal"} <= set(c) for c in r["clients"]
+    )
     assert (out / "clients.csv").read_text().count("\n") == 6
     assert (out / "per_device_accuracy.png").stat().st_size > 1000
     assert "round 3/3" in hydra_run["log"]  # the progress line
 
 
 @pytest.mark.slow
-def test_a_default_run_shows_its_progress_and_table_and_flowers_info_lines_only_when_verbose(hydra_run: dict,
-                                                                                         tmp_path: Path) -> None:
+def test_a_default_run_shows_its_progress_and_table_and_flowers_info_lines_only_when_verbose(
+    hydra_run: dict, tmp_path: Path
+) -> None:
     quiet = hydra_run["log"]
     assert "round 3/3  " in quiet and "ETA 0:00  global " in quiet and "  personal " in quiet
     assert "model     benign_acc" in quiet and f"results: {hydra_run['dir']}" in quiet  # the final table
@@ -77,8 +85,9 @@ def test_multirun_is_deterministic_per_seed_and_global_method_has_no_personal_mo
     assert all(r["final"]["personal"] is None and r["clients"][0]["acc_personal"] is None for r in runs)
     # an interrupted sweep (job 3 never finished), run again with skip_done: the finished jobs are not run again
     (tmp_path / "2" / "results.json").unlink()
-    proc = _simulate(["-m", *SMALL, "seed=0,0,1", "method=global", "skip_done=true", f"hydra.sweep.dir={tmp_path}"],
-                     tmp_path)
+    proc = _simulate(
+        ["-m", *SMALL, "seed=0,0,1", "method=global", "skip_done=true", f"hydra.sweep.dir={tmp_path}"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     third = [line for line in proc.stdout.splitlines() if line.startswith("[sweep] job 3/3: ")]
     assert proc.stdout.count("done already (skip_done)") == 2 and third and "done already" not in third[0]
@@ -88,9 +97,22 @@ def test_multirun_is_deterministic_per_seed_and_global_method_has_no_personal_mo
 @pytest.mark.slow
 def test_update_attacks_hurt_the_global_model_on_the_same_benign_devices(tmp_path: Path) -> None:
     attacks = ["none", "gaussian_update", "model_replacement"]
-    proc = _simulate(["-m", "num_clients=5", "clients_per_round=3", "num_rounds=20", "eval_every=20", "local_steps=10",
-                      "lr=0.1", "method=global", f"attack={','.join(attacks)}", "attack.fraction=0.4",
-                      f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    proc = _simulate(
+        [
+            "-m",
+            "num_clients=5",
+            "clients_per_round=3",
+            "num_rounds=20",
+            "eval_every=20",
+            "local_steps=10",
+            "lr=0.1",
+            "method=global",
+            f"attack={','.join(attacks)}",
+            "attack.fraction=0.4",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {a: json.loads((tmp_path / str(i) / "results.json").read_text()) for i, a in enumerate(attacks)}
     bad = set(runs["gaussian_update"]["malicious_clients"])
@@ -110,9 +132,22 @@ def test_every_aggregator_runs_under_ditto_and_global_with_an_omniscient_attack(
 
     names = sorted(AGGREGATORS)
     # 8 devices, 2 attackers, 7 per round: f = int(7 * 2 / 8) = 1, so even Bulyan (n >= 4f + 3 = 7) can run
-    proc = _simulate(["-m", "num_clients=8", "clients_per_round=7", "num_rounds=2", "eval_every=2", "local_steps=2",
-                      "attack=alie", "attack.fraction=0.25", f"aggregator={','.join(names)}", "method=ditto,global",
-                      f"hydra.sweep.dir={tmp_path}"], tmp_path)
+    proc = _simulate(
+        [
+            "-m",
+            "num_clients=8",
+            "clients_per_round=7",
+            "num_rounds=2",
+            "eval_every=2",
+            "local_steps=2",
+            "attack=alie",
+            "attack.fraction=0.25",
+            f"aggregator={','.join(names)}",
+            "method=ditto,global",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = set()
     for job in tmp_path.iterdir():
@@ -133,8 +168,9 @@ def test_hydra_entry_reports_a_bad_value_and_the_allowed_ones(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_flwr_run_end_to_end_matches_the_hydra_entry_and_leaves_nothing_running(hydra_run: dict,
-                                                                                 tmp_path: Path) -> None:
+def test_flwr_run_end_to_end_matches_the_hydra_entry_and_leaves_nothing_running(
+    hydra_run: dict, tmp_path: Path
+) -> None:
     flwr_home = tmp_path / "flwr-home"
     results = run_flwr(SMALL, tmp_path / "out", flwr_home=flwr_home, timeout=400, echo=False)
     r = json.loads(results.read_text())
@@ -157,8 +193,13 @@ def test_failed_run_is_reported_by_status_not_exit_code(tmp_path: Path, monkeypa
     stand_in = compose_config(["num_clients=3", "clients_per_round=2"])
     monkeypatch.setattr(launch, "compose_config", lambda overrides: stand_in)
     with pytest.raises(RunFailed, match="finished:failed"):
-        run_flwr(["num_clients=3", "clients_per_round=9"], tmp_path / "out", flwr_home=tmp_path / "home",
-                 timeout=300, echo=False)
+        run_flwr(
+            ["num_clients=3", "clients_per_round=9"],
+            tmp_path / "out",
+            flwr_home=tmp_path / "home",
+            timeout=300,
+            echo=False,
+        )
     assert superlink_pids(tmp_path / "home") == set()
 
 
@@ -170,8 +211,10 @@ def test_short_ditto_run_on_the_shared_vehicle_file(tmp_path: Path) -> None:
         data_file(compose_config(["dataset=vehicle"]).dataset, "mytrain.json")
     except DataUnavailable as err:
         pytest.skip(f"the shared Vehicle file is not on this machine: {err}")
-    proc = _simulate(["dataset=vehicle", "num_rounds=4", "eval_every=2", "attack.fraction=0.48",
-                      f"hydra.run.dir={tmp_path}"], tmp_path)
+    proc = _simulate(
+        ["dataset=vehicle", "num_rounds=4", "eval_every=2", "attack.fraction=0.48", f"hydra.run.dir={tmp_path}"],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert len(r["clients"]) == 23 and len(r["malicious_clients"]) == 11  # the official script's 11 of 23
@@ -181,11 +224,19 @@ def test_short_ditto_run_on_the_shared_vehicle_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_every_method_runs_under_attack_and_local_equals_ditto_with_lam_zero(tmp_path: Path) -> None:
-    base = ["num_clients=5", "clients_per_round=5", "num_rounds=3", "eval_every=3", "local_steps=5",
-            "attack=model_replacement"]
+    base = [
+        "num_clients=5",
+        "clients_per_round=5",
+        "num_rounds=3",
+        "eval_every=3",
+        "local_steps=5",
+        "attack=model_replacement",
+    ]
     methods = ["local", "finetune", "qffl", "tilted", "apfl"]
-    proc = _simulate(["-m", *base, f"method={','.join(methods)}", "aggregator=mean,krum",
-                      f"hydra.sweep.dir={tmp_path / 'methods'}"], tmp_path)
+    proc = _simulate(
+        ["-m", *base, f"method={','.join(methods)}", "aggregator=mean,krum", f"hydra.sweep.dir={tmp_path / 'methods'}"],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _simulate(["-m", *base, "method.lam=0,auto", f"hydra.sweep.dir={tmp_path / 'ditto'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -201,8 +252,9 @@ def test_every_method_runs_under_attack_and_local_equals_ditto_with_lam_zero(tmp
     lam0, auto = (json.loads((tmp_path / "ditto" / str(i) / "results.json").read_text()) for i in (0, 1))
     for aggregator in ("mean", "krum"):
         assert runs[("local", aggregator)]["final"]["personal"] == lam0["final"]["personal"]
-        assert [c["acc_personal"] for c in runs[("local", aggregator)]["clients"]] == \
-            [c["acc_personal"] for c in lam0["clients"]]
+        assert [c["acc_personal"] for c in runs[("local", aggregator)]["clients"]] == [
+            c["acc_personal"] for c in lam0["clients"]
+        ]
     initial_acc = runs[("local", "mean")]["final"]["global"]
     assert initial_acc == runs[("local", "krum")]["final"]["global"]  # w never moved under local training
     assert all(c["lam"] in (0.1, 1.0, 2.0) for c in auto["clients"])

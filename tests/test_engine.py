@@ -44,8 +44,9 @@ def federation(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
 
 
 def _send(fed: SimpleNamespace, *node_indices: int) -> list[str]:
-    return list(fed.grid.push_messages([Message(RecordDict(), fed.nodes[i], "train", group_id="1")
-                                        for i in node_indices]))
+    return list(
+        fed.grid.push_messages([Message(RecordDict(), fed.nodes[i], "train", group_id="1") for i in node_indices])
+    )
 
 
 def _record_asks(state: InMemoryLinkState, monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -62,6 +63,7 @@ def _record_asks(state: InMemoryLinkState, monkeypatch: pytest.MonkeyPatch) -> l
 
 # -- the tuned dispatcher, on a real in-memory LinkState ----------------------------------------------------------
 
+
 def test_pending_nodes_are_the_nodes_with_undelivered_messages(federation: SimpleNamespace) -> None:
     _send(federation, 1, 1, 3)
     federation.state.get_message_ins(node_id=federation.nodes[3], limit=1)  # delivered: no longer pending
@@ -76,7 +78,8 @@ def test_pending_nodes_refuse_a_state_that_is_not_in_memory() -> None:
 
 
 def test_the_dispatcher_queues_each_message_once_and_asks_only_pending_nodes(
-        federation: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    federation: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ids = _send(federation, 1, 1, 3)
     asked = _record_asks(federation.state, monkeypatch)
     queue: Queue = Queue()
@@ -93,6 +96,7 @@ def test_the_dispatcher_queues_each_message_once_and_asks_only_pending_nodes(
 
 
 # -- the assumptions, against the installed Flower ----------------------------------------------------------------
+
 
 def test_the_installed_flower_is_a_version_the_tuning_was_checked_against() -> None:
     engine.check_version()
@@ -146,8 +150,10 @@ def test_a_missing_flower_function_is_named_not_skipped(monkeypatch: pytest.Monk
 
 # -- the context: applied around a run, undone after --------------------------------------------------------------
 
+
 def test_flowers_own_runtime_loop_runs_the_tuned_dispatcher_only_inside_the_block(
-        federation: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    federation: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """vce_api.run_api (Flower's loop, with a backend that runs no workers) delivers a message; inside the block
     only the pending node is asked, after it Flower's dispatcher asks every node of the mapping again."""
     backend = SimpleNamespace(build=lambda app_fn: None, num_workers=0, terminate=lambda: None)
@@ -155,8 +161,9 @@ def test_flowers_own_runtime_loop_runs_the_tuned_dispatcher_only_inside_the_bloc
 
     def run_api_until_delivered() -> None:
         stop = threading.Event()
-        thread = threading.Thread(target=vce_api.run_api,
-                                  args=(None, lambda: backend, mapping, federation.factory, {}, stop, VceMetrics()))
+        thread = threading.Thread(
+            target=vce_api.run_api, args=(None, lambda: backend, mapping, federation.factory, {}, stop, VceMetrics())
+        )
         thread.start()
         deadline = time.monotonic() + 10
         while any(m.metadata.delivered_at == "" for m in federation.state.message_ins_store.values()):

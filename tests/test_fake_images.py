@@ -31,8 +31,18 @@ def test_a_model_learns_the_fake_images() -> None:
     before = ditto.evaluate(model, device.x_test, device.y_test, loss_fn)[0] / len(device.y_test)
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(0)  # the dropout masks, whatever ran before
-        ditto.local_round(model, None, device.x_train, device.y_train, steps=40, batch_size=16, lr=0.05, lam=0.0,
-                          loss_fn=loss_fn, generator=torch.Generator().manual_seed(0))
+        ditto.local_round(
+            model,
+            None,
+            device.x_train,
+            device.y_train,
+            steps=40,
+            batch_size=16,
+            lr=0.05,
+            lam=0.0,
+            loss_fn=loss_fn,
+            generator=torch.Generator().manual_seed(0),
+        )
     after = ditto.evaluate(model, device.x_test, device.y_test, loss_fn)[0] / len(device.y_test)
     assert before < 0.3 and after > 0.8  # chance is 0.1
 
@@ -45,14 +55,20 @@ def test_fake_images_are_partitioned_by_the_configured_partitioner_and_fixed_by_
 
     skewed = class_counts(["dataset.partitioner=pathological", "dataset.classes_per_client=2"])
     assert all((c > 0).sum() <= 2 for c in skewed)  # each device holds 2 classes, as pathological deals them
-    assert [c.tolist() for c in skewed] == [c.tolist() for c in class_counts(["dataset.partitioner=pathological",
-                                                                              "dataset.classes_per_client=2"])]
+    assert [c.tolist() for c in skewed] == [
+        c.tolist() for c in class_counts(["dataset.partitioner=pathological", "dataset.classes_per_client=2"])
+    ]
     assert [c.tolist() for c in class_counts(["dataset.partitioner=iid"])] != [c.tolist() for c in skewed]
 
 
-@pytest.mark.parametrize(("override", "key"), [("dataset.like=mnist", "dataset.like"),
-                                               ("dataset.num_samples=1", "dataset.num_samples"),
-                                               ("dataset.noise=-1", "dataset.noise")])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("dataset.like=mnist", "dataset.like"),
+        ("dataset.num_samples=1", "dataset.num_samples"),
+        ("dataset.noise=-1", "dataset.noise"),
+    ],
+)
 def test_a_bad_fake_images_option_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_config([*SMALL, override])

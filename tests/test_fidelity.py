@@ -126,6 +126,6 @@ def test_lam_auto_holds_out_the_last_samples_before_any_corruption() -> None:
         y = clean[k].y_train
         n_val = ditto.validation_size(len(y), 0.1)
         assert n_val > 0
-        assert torch.equal(client.lam.y_val, y[len(y) - n_val:]), "validation = the last samples, clean labels"
-        assert torch.equal(client.lam.x_val, clean[k].x_train[len(y) - n_val:])
+        assert torch.equal(client.lam.y_val, y[len(y) - n_val :]), "validation = the last samples, clean labels"
+        assert torch.equal(client.lam.x_val, clean[k].x_train[len(y) - n_val :])
         assert len(client.y_train) == len(y) - n_val

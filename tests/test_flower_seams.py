@@ -41,13 +41,16 @@ def _mirrored(function) -> str:  # -> SHA-256 of the function's statements witho
 def test_flowers_fit_round_is_still_the_one_results_server_copies() -> None:
     assert _mirrored(Server.fit_round) == FIT_ROUND_SHA256, (
         "Flower's Server.fit_round changed: make ResultsServer.fit_round (app/server_app.py) do what it now does "
-        "(without its log lines), then set FIT_ROUND_SHA256 to the new value")
+        "(without its log lines), then set FIT_ROUND_SHA256 to the new value"
+    )
 
 
 class Recording(Server):
     def __init__(self, calls: list) -> None:
-        strategy = SimpleNamespace(initialize_parameters=lambda client_manager: ndarrays_to_parameters([np.ones(2)]),
-                                   evaluate=lambda server_round, parameters: None)
+        strategy = SimpleNamespace(
+            initialize_parameters=lambda client_manager: ndarrays_to_parameters([np.ones(2)]),
+            evaluate=lambda server_round, parameters: None,
+        )
         super().__init__(client_manager=SimpleClientManager(), strategy=strategy)
         self.calls = calls
 
@@ -63,26 +66,44 @@ def test_flowers_loop_starts_from_the_strategys_parameters_and_ends_each_round_w
     Recording(calls).fit(num_rounds=2, timeout=None)
     assert calls == [("fit", 1, [1.0, 1.0]), ("evaluate", 1), ("fit", 2, [1.0, 1.0]), ("evaluate", 2)], (
         "Flower's Server.fit no longer runs fit_round then evaluate_round per round from the strategy's initial "
-        "parameters: re-check where ResultsServer resumes, checkpoints and reports progress")
+        "parameters: re-check where ResultsServer resumes, checkpoints and reports progress"
+    )
 
 
 def test_a_resumed_run_goes_through_flowers_loop_from_the_checkpoints_model_and_round(tmp_path: Path) -> None:
     cfg = OmegaConf.create({"resume": True, "num_rounds": 4, "checkpoint_every": 0, "verbose": False})
-    save_checkpoint(tmp_path, Checkpoint(round=2, parameters=[np.full(2, 7.0)], meta={
-        "config": OmegaConf.to_container(cfg), "rounds": [{"round": 1}, {"round": 2}], "final": {}, "clients": []}))
+    save_checkpoint(
+        tmp_path,
+        Checkpoint(
+            round=2,
+            parameters=[np.full(2, 7.0)],
+            meta={
+                "config": OmegaConf.to_container(cfg),
+                "rounds": [{"round": 1}, {"round": 2}],
+                "final": {},
+                "clients": [],
+            },
+        ),
+    )
     seen: list = []
     strategy = SimpleNamespace(
-        initial_parameters=ndarrays_to_parameters([np.zeros(2)]), aggregate=Rule(lambda *args: None), rounds=[],
+        initial_parameters=ndarrays_to_parameters([np.zeros(2)]),
+        aggregate=Rule(lambda *args: None),
+        rounds=[],
         connected_after=None,
         evaluate=lambda server_round, parameters: None,
-        configure_fit=lambda server_round, parameters, client_manager: seen.append(
-            ("fit", server_round, parameters_to_ndarrays(parameters)[0].tolist())) or [],
-        configure_evaluate=lambda server_round, parameters, client_manager: seen.append(("evaluate", server_round))
-        or [])
+        configure_fit=lambda server_round, parameters, client_manager: (
+            seen.append(("fit", server_round, parameters_to_ndarrays(parameters)[0].tolist())) or []
+        ),
+        configure_evaluate=lambda server_round, parameters, client_manager: (
+            seen.append(("evaluate", server_round)) or []
+        ),
+    )
     strategy.initialize_parameters = lambda client_manager: strategy.initial_parameters
     written: list = []
-    recorder = SimpleNamespace(out_dir=tmp_path, final={}, clients=[],
-                               write=lambda rounds, after: written.append(rounds))
+    recorder = SimpleNamespace(
+        out_dir=tmp_path, final={}, clients=[], write=lambda rounds, after: written.append(rounds)
+    )
     ResultsServer(strategy, recorder, cfg).fit(num_rounds=4, timeout=None)
     assert seen == [("fit", 3, [7.0, 7.0]), ("evaluate", 3), ("fit", 4, [7.0, 7.0]), ("evaluate", 4)]
     assert written == [[{"round": 1}, {"round": 2}]]

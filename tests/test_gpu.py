@@ -24,8 +24,16 @@ from strategies.aggregators import AGGREGATORS
 
 NO_CUDA = not torch.cuda.is_available()
 # a conv net without dropout on the CIFAR-shaped workload: CPU and GPU runs differ only by float rounding
-SMALL_IMAGES = ["dataset=fake_images", "dataset.num_samples=240", "dataset.partitioner=iid", "num_clients=3",
-                "clients_per_round=3", "local_steps=3", "batch_size=8", "attack=none"]
+SMALL_IMAGES = [
+    "dataset=fake_images",
+    "dataset.num_samples=240",
+    "dataset.partitioner=iid",
+    "num_clients=3",
+    "clients_per_round=3",
+    "local_steps=3",
+    "batch_size=8",
+    "attack=none",
+]
 
 
 @pytest.mark.parametrize("value", ["gpu", "cuda:x", "cuda0", 3, "CPU"])
@@ -91,12 +99,19 @@ def test_a_device_s_data_is_placed_once_per_process_and_reused_by_later_messages
     the device each time."""
     cfg = compose_config(["num_clients=6", "method.lam=auto", "attack.fraction=0.5"])
     first, again = (DittoClient(cfg, 1, MemoryStore(RecordDict())) for _ in range(2))
-    for a, b in [(first.x_train, again.x_train), (first.y_train, again.y_train), (first.x_test, again.x_test),
-                 (first.lam.x_val, again.lam.x_val)]:
+    for a, b in [
+        (first.x_train, again.x_train),
+        (first.y_train, again.y_train),
+        (first.x_test, again.x_test),
+        (first.lam.x_val, again.lam.x_val),
+    ]:
         assert a is b
         assert a.device == first.device == resolve_device("auto")
-    other = DittoClient(compose_config(["num_clients=6", "method.lam=auto", "attack.fraction=0.5", "seed=1"]), 1,
-                        MemoryStore(RecordDict()))
+    other = DittoClient(
+        compose_config(["num_clients=6", "method.lam=auto", "attack.fraction=0.5", "seed=1"]),
+        1,
+        MemoryStore(RecordDict()),
+    )
     assert other.x_train is not first.x_train  # another config, other tensors
 
 
@@ -116,13 +131,28 @@ def test_the_strategy_builds_the_stack_on_its_device_and_runs_everything_there()
         return stack
 
     device = resolve_device("auto")
-    strategy = RobustStrategy(initial_parameters=ndarrays_to_parameters(MODEL), aggregate=rule, num_clients=3,
-                              clients_per_round=3, num_rounds=1, eval_every=1, seed=0, threat_model=threat,
-                              reweight=reweight, device=device)
+    strategy = RobustStrategy(
+        initial_parameters=ndarrays_to_parameters(MODEL),
+        aggregate=rule,
+        num_clients=3,
+        clients_per_round=3,
+        num_rounds=1,
+        eval_every=1,
+        seed=0,
+        threat_model=threat,
+        reweight=reweight,
+        device=device,
+    )
     results = _fit_results(strategy, with_loss=True)
     parameters, _ = strategy.aggregate_fit(1, results, [])
-    assert {name for name, _ in seen} == {"rule stack", "rule weights", "threat stack", "threat mask",
-                                          "reweight stack", "reweight losses"}
+    assert {name for name, _ in seen} == {
+        "rule stack",
+        "rule weights",
+        "threat stack",
+        "threat mask",
+        "reweight stack",
+        "reweight losses",
+    }
     assert all(d == device for _, d in seen)
     for a in parameters_to_ndarrays(parameters):  # the mean of 1, 2 and 3, back on the host
         np.testing.assert_allclose(a, 2.0)
@@ -194,10 +224,17 @@ def test_every_rule_selects_on_the_gpu_what_it_selects_on_the_cpu(name: str) -> 
     updates[3] = [u * 50 for u in updates[3]]  # an outlier for the robust rules to leave out
     new = {}
     for device in ("cpu", "cuda"):
-        strategy = RobustStrategy(initial_parameters=ndarrays_to_parameters(MODEL),
-                                  aggregate=build_aggregator({"name": name}),
-                                  num_clients=11, clients_per_round=11, num_rounds=1, eval_every=1, seed=0,
-                                  num_malicious=2, device=device)
+        strategy = RobustStrategy(
+            initial_parameters=ndarrays_to_parameters(MODEL),
+            aggregate=build_aggregator({"name": name}),
+            num_clients=11,
+            clients_per_round=11,
+            num_rounds=1,
+            eval_every=1,
+            seed=0,
+            num_malicious=2,
+            device=device,
+        )
         parameters, _ = strategy.aggregate_fit(1, _fit_results(strategy, updates=updates), [])
         new[device] = parameters_to_ndarrays(parameters)
     for x, y in zip(new["cpu"], new["cuda"]):

@@ -51,7 +51,8 @@ def test_a_node_readmitted_before_a_poll_leaves_its_message_unanswered_until_the
     assert state.activate_node(node, heartbeat_interval=30.0)  # restarted with its key: the same node id, online
     assert not state.get_message_ins(node_id=node, limit=None), "the new incarnation is not given the message"
     assert state.get_message_res({mid}, run) == [], (
-        "Flower now answers a message lost with a readmitted node: ROUND_TIMEOUT in app/deploy.py may go")
+        "Flower now answers a message lost with a readmitted node: ROUND_TIMEOUT in app/deploy.py may go"
+    )
     time.sleep(ttl)
     (reply,) = state.get_message_res({mid}, run)
     assert reply.has_error(), "past its TTL the message is answered with an error: the round goes on"

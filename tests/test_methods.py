@@ -89,15 +89,26 @@ class LossDevice(FakeDevice):
     def fit(self, ins, timeout, group_id):
         res = super().fit(ins, timeout, group_id)
         metrics = {} if self.loss is None else {"train_loss": self.loss}
-        return FitRes(status=Status(code=Code.OK, message=""), parameters=res.parameters,
-                      num_examples=res.num_examples, metrics=metrics)
+        return FitRes(
+            status=Status(code=Code.OK, message=""),
+            parameters=res.parameters,
+            num_examples=res.num_examples,
+            metrics=metrics,
+        )
 
 
 def _strategy_round(devices: list[FakeDevice], reweight) -> tuple[list[np.ndarray], dict]:
-    strategy = RobustStrategy(initial_parameters=ndarrays_to_parameters(MODEL),
-                              aggregate=build_aggregator({"name": "mean"}), num_clients=len(devices),
-                              clients_per_round=len(devices), num_rounds=1, eval_every=10, seed=0, reweight=reweight,
-                              connect_timeout=5)
+    strategy = RobustStrategy(
+        initial_parameters=ndarrays_to_parameters(MODEL),
+        aggregate=build_aggregator({"name": "mean"}),
+        num_clients=len(devices),
+        clients_per_round=len(devices),
+        num_rounds=1,
+        eval_every=10,
+        seed=0,
+        reweight=reweight,
+        connect_timeout=5,
+    )
     from flwr.server import Server
 
     from tests.test_strategy import _manager
@@ -131,13 +142,24 @@ def test_apfl_step_by_hand() -> None:
         return 2 * ((X @ theta - y)[:, None] * X).mean(0)
 
     personal, global_model = _linear(v.tolist()), _linear(w.tolist())
-    apfl_round(global_model, personal, X, y, steps=1, batch_size=4, lr=lr, alpha=alpha, loss_fn=_mse,
-               generator=torch.Generator().manual_seed(0))
+    apfl_round(
+        global_model,
+        personal,
+        X,
+        y,
+        steps=1,
+        batch_size=4,
+        lr=lr,
+        alpha=alpha,
+        loss_fn=_mse,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(global_model.weight[0].detach(), w - lr * grad(w))
     torch.testing.assert_close(personal.weight[0].detach(), v - lr * alpha * grad(alpha * v + (1 - alpha) * w))
     mixed = mix_into(_linear([0.0, 0.0]), personal, global_model, alpha)
-    torch.testing.assert_close(mixed.weight[0].detach(),
-                               alpha * personal.weight[0].detach() + (1 - alpha) * global_model.weight[0].detach())
+    torch.testing.assert_close(
+        mixed.weight[0].detach(), alpha * personal.weight[0].detach() + (1 - alpha) * global_model.weight[0].detach()
+    )
 
 
 @pytest.mark.parametrize(("val_target", "expected"), [("global", 2.0), ("personal", 0.1)])
@@ -169,8 +191,19 @@ def test_auto_lam_on_a_device_reports_its_choice_and_small_devices_keep_the_fixe
     client.fit(params, {"server_round": 1})
     _, _, metrics = client.evaluate(params, {"server_round": 1})
     assert metrics["lam"] in LAM_GRID[False]
-    strong = DittoClient(compose_config(["num_clients=6", "method.lam=auto", "method.strong_attack=true",
-                                         "method.val_fraction=0.005", "attack=none"]), 0, MemoryStore(RecordDict()))
+    strong = DittoClient(
+        compose_config(
+            [
+                "num_clients=6",
+                "method.lam=auto",
+                "method.strong_attack=true",
+                "method.val_fraction=0.005",
+                "attack=none",
+            ]
+        ),
+        0,
+        MemoryStore(RecordDict()),
+    )
     assert strong.lam == LAM_FIXED[True], "fewer than 4 validation samples: the fixed lam of a strong attack"
 
 
@@ -184,8 +217,13 @@ def test_fair_methods_report_the_loss_of_the_received_model() -> None:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_methods_evaluation_reply_passes_the_servers_check(method: str) -> None:
-    client = DittoClient(compose_config([*SMALL, f"method={method}", "method.steps=2"] if method == "finetune"
-                                        else [*SMALL, f"method={method}"]), 1, MemoryStore(RecordDict()))
+    client = DittoClient(
+        compose_config(
+            [*SMALL, f"method={method}", "method.steps=2"] if method == "finetune" else [*SMALL, f"method={method}"]
+        ),
+        1,
+        MemoryStore(RecordDict()),
+    )
     params = get_weights(client._build())
     client.fit(params, {"server_round": 1})
     loss, n, metrics = client.evaluate(params, {"server_round": 1})

@@ -31,8 +31,12 @@ CASES = [
     ("cnn_femnist", (1, 28, 28), 62, _conv(1, 16, 5) + _conv(16, 32, 5) + _dense(32 * 7 * 7, 128) + _dense(128, 62)),
     ("cnn_fmnist", (1, 28, 28), 10, _conv(1, 32, 5) + _conv(32, 64, 5) + _dense(64 * 7 * 7, 1024) + _dense(1024, 10)),
     # 32 -conv3-> 30 -pool-> 15 -conv3-> 13 -pool-> 6 -conv3-> 4
-    ("cnn_cifar", (3, 32, 32), 10, _conv(3, 32, 3) + _conv(32, 64, 3) + _conv(64, 64, 3) + _dense(64 * 4 * 4, 64)
-     + _dense(64, 10)),
+    (
+        "cnn_cifar",
+        (3, 32, 32),
+        10,
+        _conv(3, 32, 3) + _conv(32, 64, 3) + _conv(64, 64, 3) + _dense(64 * 4 * 4, 64) + _dense(64, 10),
+    ),
     # pooling padded `same` as the official model: 84 -> 42 -> 21 -> 11 -> 6; batch norm adds 2 x 32 per block
     ("cnn_celeba", (3, 84, 84), 2, _conv(3, 32, 3) + 3 * _conv(32, 32, 3) + 4 * 64 + _dense(32 * 6 * 6, 2)),
     ("mean", (1,), 5, 5),  # the point estimate: one vector of the target's dimension

@@ -72,10 +72,24 @@ def test_a_lam_list_has_no_auto_no_duplicates_and_needs_ditto() -> None:
 @pytest.mark.slow
 def test_a_lam_list_run_reports_each_lam_as_its_single_lam_run(tmp_path: Path) -> None:
     """The real simulation: one sweep of a list run and two single-lam runs; results.json per lam, bit for bit."""
-    args = ["-m", "num_clients=5", "clients_per_round=3", "num_rounds=3", "eval_every=2", "local_steps=3",
-            "method.lam=[0.1,1.0],0.1,1.0", f"hydra.sweep.dir={tmp_path}"]
-    proc = subprocess.run([sys.executable, "-m", "app.simulate", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env=flower_env(tmp_path / ".flwr"))
+    args = [
+        "-m",
+        "num_clients=5",
+        "clients_per_round=3",
+        "num_rounds=3",
+        "eval_every=2",
+        "local_steps=3",
+        "method.lam=[0.1,1.0],0.1,1.0",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.simulate", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=flower_env(tmp_path / ".flwr"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     multi, single01, single1 = (json.loads((tmp_path / str(i) / "results.json").read_text()) for i in range(3))
     assert multi["config"]["method"]["lam"] == [0.1, 1.0] and multi["final"]["personal"] is None

@@ -35,8 +35,9 @@ def _blocky(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> np.ndar
 
 
 def _save(folder: Path, splits: dict[str, dict], features: dict) -> Path:
-    datasets.DatasetDict({name: datasets.Dataset.from_dict(rows, features=datasets.Features(features))
-                          for name, rows in splits.items()}).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {name: datasets.Dataset.from_dict(rows, features=datasets.Features(features)) for name, rows in splits.items()}
+    ).save_to_disk(str(folder))
     return folder
 
 
@@ -47,36 +48,55 @@ def tables(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("paper")
     vehicle = {"users": [f"f_{k:05d}" for k in range(23)], "user_data": {}, "num_samples": VEHICLE_SIZES}
     for user, n in zip(vehicle["users"], VEHICLE_SIZES):
-        vehicle["user_data"][user] = {"x": rng.normal(size=(n, 100)).round(5).tolist(),
-                                      "y": [[int(v)] for v in rng.choice([-1, 1], n)]}
+        vehicle["user_data"][user] = {
+            "x": rng.normal(size=(n, 100)).round(5).tolist(),
+            "y": [[int(v)] for v in rng.choice([-1, 1], n)],
+        }
     (root / "vehicle").mkdir()
     (root / "vehicle" / "mytrain.json").write_text(json.dumps(vehicle))
 
     image, label = datasets.Image(), datasets.ClassLabel(num_classes=10)
-    fashion = {name: {"image": list(_blocky(rng, 10 * n, (28, 28))),
-                      "label": rng.permutation(np.repeat(np.arange(10), n)).tolist()}
-               for name, n in (("train", 6000), ("test", 1000))}
-    cifar = {name: {"img": list(_blocky(rng, 10 * n, (32, 32, 3))), "label": np.repeat(np.arange(10), n).tolist()}
-             for name, n in (("train", 500), ("test", 100))}
+    fashion = {
+        name: {
+            "image": list(_blocky(rng, 10 * n, (28, 28))),
+            "label": rng.permutation(np.repeat(np.arange(10), n)).tolist(),
+        }
+        for name, n in (("train", 6000), ("test", 1000))
+    }
+    cifar = {
+        name: {"img": list(_blocky(rng, 10 * n, (32, 32, 3))), "label": np.repeat(np.arange(10), n).tolist()}
+        for name, n in (("train", 500), ("test", 100))
+    }
     writers = rng.integers(10, 21, 240)
-    femnist = {"image": list(_blocky(rng, int(writers.sum()), (28, 28))),
-               "writer_id": [f"f{w:04d}_{w % 7:02d}" for w, n in enumerate(writers) for _ in range(n)],
-               "character": rng.integers(0, 62, int(writers.sum())).tolist()}
+    femnist = {
+        "image": list(_blocky(rng, int(writers.sum()), (28, 28))),
+        "writer_id": [f"f{w:04d}_{w % 7:02d}" for w, n in enumerate(writers) for _ in range(n)],
+        "character": rng.integers(0, 62, int(writers.sum())).tolist(),
+    }
     celebs = rng.integers(5, 7, 600)
-    celeba = {"image": list(_blocky(rng, int(celebs.sum()), (218, 178, 3))),
-              "celeb_id": [c for c, n in enumerate(celebs) for _ in range(n)],
-              "Smiling": rng.integers(0, 2, int(celebs.sum())).astype(bool).tolist()}
+    celeba = {
+        "image": list(_blocky(rng, int(celebs.sum()), (218, 178, 3))),
+        "celeb_id": [c for c, n in enumerate(celebs) for _ in range(n)],
+        "Smiling": rng.integers(0, 2, int(celebs.sum())).astype(bool).tolist(),
+    }
     string, int64 = datasets.Value("string"), datasets.Value("int64")
     paths = {
         "fashion_mnist": _save(root / "fashion", fashion, {"image": image, "label": label}),
         "cifar10": _save(root / "cifar", cifar, {"img": image, "label": label}),
-        "femnist": _save(root / "femnist", {"train": femnist}, {"image": image, "writer_id": string,
-                                                                 "character": datasets.ClassLabel(num_classes=62)}),
-        "celeba": _save(root / "celeba", {"train": celeba}, {"image": image, "celeb_id": int64,
-                                                             "Smiling": datasets.Value("bool")}),
+        "femnist": _save(
+            root / "femnist",
+            {"train": femnist},
+            {"image": image, "writer_id": string, "character": datasets.ClassLabel(num_classes=62)},
+        ),
+        "celeba": _save(
+            root / "celeba", {"train": celeba}, {"image": image, "celeb_id": int64, "Smiling": datasets.Value("bool")}
+        ),
     }
-    return {"vehicle": [f"dataset.data_dir={root / 'vehicle'}"], "synthetic": [],
-            **{name: [f"dataset.path={path}"] for name, path in paths.items()}}
+    return {
+        "vehicle": [f"dataset.data_dir={root / 'vehicle'}"],
+        "synthetic": [],
+        **{name: [f"dataset.path={path}"] for name, path in paths.items()},
+    }
 
 
 def _check(cfg: DictConfig, fed: Federation) -> None:

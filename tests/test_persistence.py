@@ -129,8 +129,14 @@ def test_checkpoint_round_trip_and_config_check(tmp_path: Path) -> None:
 
 
 def test_a_resumed_server_continues_centered_clipping_from_the_saved_centre(tmp_path: Path) -> None:
-    overrides = ["num_clients=6", "clients_per_round=3", "method=global", "checkpoint_every=1",
-                 "aggregator=centered_clip", "aggregator.iters=1"]
+    overrides = [
+        "num_clients=6",
+        "clients_per_round=3",
+        "method=global",
+        "checkpoint_every=1",
+        "aggregator=centered_clip",
+        "aggregator.iters=1",
+    ]
     stack, weights = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), torch.ones(3, dtype=torch.float64)
     server = build_components(compose_config(overrides), tmp_path).server
     rule = server.strategy.aggregate
@@ -152,8 +158,16 @@ def test_resume_needs_personal_models_on_disk() -> None:
         compose_config(["checkpoint_every=-1"])
 
 
-RESUMABLE = ["num_clients=6", "clients_per_round=3", "num_rounds=40", "eval_every=10", "local_steps=3",
-             "personal_state=disk", "checkpoint_every=5", "aggregator=centered_clip"]
+RESUMABLE = [
+    "num_clients=6",
+    "clients_per_round=3",
+    "num_rounds=40",
+    "eval_every=10",
+    "local_steps=3",
+    "personal_state=disk",
+    "checkpoint_every=5",
+    "aggregator=centered_clip",
+]
 
 
 def _newest_version(run_dir: Path) -> int:
@@ -170,8 +184,14 @@ def test_a_killed_run_resumed_ends_with_the_uninterrupted_runs_numbers(tmp_path:
 
     cut = tmp_path / "cut"
     env = {**os.environ, "FLWR_HOME": str(tmp_path / ".flwr")}
-    with subprocess.Popen([sys.executable, "-m", "app.simulate", *RESUMABLE, f"hydra.run.dir={cut}"], cwd=tmp_path,
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True) as run:
+    with subprocess.Popen(
+        [sys.executable, "-m", "app.simulate", *RESUMABLE, f"hydra.run.dir={cut}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    ) as run:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and run.poll() is None:  # stop it between two checkpoints
             if (cut / "checkpoint.npz").exists() and _newest_version(cut) > load_checkpoint(cut).round >= 10:

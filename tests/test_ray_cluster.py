@@ -57,10 +57,30 @@ def test_the_simulation_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     port = _free_port()
     env = flower_env(tmp_path / ".flwr")
     head = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-         "--include-dashboard", "false", "--ray-client-server-port", str(_free_port()), "--temp-dir", temp,
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            ray,
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "false",
+            "--ray-client-server-port",
+            str(_free_port()),
+            "--temp-dir",
+            temp,
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -72,9 +92,24 @@ def test_the_simulation_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
             pytest.fail("the Ray head did not listen within 60 s")
         out = tmp_path / "run"
         sim = subprocess.Popen(
-            [sys.executable, "-m", "app.simulate", "num_clients=5", "clients_per_round=3", "num_rounds=2",
-             "eval_every=2", "local_steps=2", f"ray_address=127.0.0.1:{port}", f"hydra.run.dir={out}"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "app.simulate",
+                "num_clients=5",
+                "clients_per_round=3",
+                "num_rounds=2",
+                "eval_every=2",
+                "local_steps=2",
+                f"ray_address=127.0.0.1:{port}",
+                f"hydra.run.dir={out}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         log, _ = sim.communicate(timeout=300)
         assert sim.returncode == 0, log[-3000:]
         results = json.loads((out / "results.json").read_text())

@@ -21,34 +21,53 @@ from app.summary import roles
 
 
 def _results(cfg: dict, rounds: int, final: dict) -> dict:
-    return {"config": cfg, "final": final, "rounds": [{"round": r + 1} for r in range(rounds)],
-            "clients": [{"client_id": 0, "malicious": False, "acc_global": 0.5, "acc_personal": 0.75},
-                        {"client_id": 1, "malicious": True, "acc_global": 0.25, "acc_personal": 0.0}]}
+    return {
+        "config": cfg,
+        "final": final,
+        "rounds": [{"round": r + 1} for r in range(rounds)],
+        "clients": [
+            {"client_id": 0, "malicious": False, "acc_global": 0.5, "acc_personal": 0.75},
+            {"client_id": 1, "malicious": True, "acc_global": 0.25, "acc_personal": 0.0},
+        ],
+    }
 
 
 def _cfg(method: str, fraction: float) -> dict:
-    return {"num_rounds": 4, "seed": 0, "method": {"name": method, "lam": 1.0},
-            "attack": {"name": "label_poison", "fraction": fraction}, "aggregator": {"name": "mean"}}
+    return {
+        "num_rounds": 4,
+        "seed": 0,
+        "method": {"name": method, "lam": 1.0},
+        "attack": {"name": "label_poison", "fraction": fraction},
+        "aggregator": {"name": "mean"},
+    }
 
 
 def _metrics(acc: float) -> dict:
-    return {"benign_acc": acc, "benign_mean_acc": acc, "benign_std_acc": 0.1, "benign_var_acc": 0.01,
-            "benign_worst10_acc": acc / 2, "malicious_acc": 0.2}
+    return {
+        "benign_acc": acc,
+        "benign_mean_acc": acc,
+        "benign_std_acc": 0.1,
+        "benign_var_acc": 0.01,
+        "benign_worst10_acc": acc / 2,
+        "malicious_acc": 0.2,
+    }
 
 
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
     (tmp_path / "0").mkdir()
-    (tmp_path / "0" / "results.json").write_text(json.dumps(
-        _results(_cfg("ditto", 0.5), 4, {"global": _metrics(0.6), "personal": _metrics(0.8)})))
+    (tmp_path / "0" / "results.json").write_text(
+        json.dumps(_results(_cfg("ditto", 0.5), 4, {"global": _metrics(0.6), "personal": _metrics(0.8)}))
+    )
     (tmp_path / "1" / ".hydra").mkdir(parents=True)
     (tmp_path / "1" / ".hydra" / "overrides.yaml").write_text("- aggregator=krum\n- attack.fraction=0.8\n")
     (tmp_path / "1" / "failed.json").write_text(json.dumps({"error": "ConfigError: krum needs n >= f + 3"}))
     (tmp_path / "2" / ".hydra").mkdir(parents=True)
     (tmp_path / "2" / ".hydra" / "overrides.yaml").write_text("- method=global\n")
     (tmp_path / "3").mkdir()
-    (tmp_path / "3" / "results.json").write_text(json.dumps(
-        _results(_cfg("global", 0.5), 2, {"global": _metrics(0.5), "personal": None})))
+    (tmp_path / "3" / "results.json").write_text(
+        json.dumps(_results(_cfg("global", 0.5), 2, {"global": _metrics(0.5), "personal": None}))
+    )
     return tmp_path
 
 
@@ -75,8 +94,17 @@ def test_collector_cli_writes_the_files_and_names_the_problems(sweep: Path, caps
     assert main([str(sweep), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "4 runs: 1 complete, 1 failed, 2 incomplete" in printed and "failed: 1: ConfigError" in printed
-    for name in ("runs.csv", "devices.csv", "summary.csv", "paired.csv", "table.md", "scatter.png", "lambda.png",
-                 "corruption.png", "per_device.png"):
+    for name in (
+        "runs.csv",
+        "devices.csv",
+        "summary.csv",
+        "paired.csv",
+        "table.md",
+        "scatter.png",
+        "lambda.png",
+        "corruption.png",
+        "per_device.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert set(pd.read_csv(out / "runs.csv")["status"]) == {"ok", "failed", "incomplete"}
 
@@ -89,13 +117,21 @@ STD = {"personal@lam=0.1": [0.05, 0.06, 0.07], "personal@lam=1.0": [0.08, 0.08, 
 
 def _seeded_sweep(root: Path) -> Path:
     for seed in range(3):
-        base = {"num_rounds": 4, "seed": seed, "dataset": {"name": "digits"}, "aggregator": {"name": "mean"},
-                "attack": {"name": "label_poison", "fraction": 0.5}}
+        base = {
+            "num_rounds": 4,
+            "seed": seed,
+            "dataset": {"name": "digits"},
+            "aggregator": {"name": "mean"},
+            "attack": {"name": "label_poison", "fraction": 0.5},
+        }
         finals = {kind: {**_metrics(ACC[kind][seed]), "benign_std_acc": STD[kind][seed]} for kind in ACC}
-        jobs = {"ditto": ({**base, "method": {"name": "ditto", "lam": [0.1, 1.0]}},
-                          {"global": finals["global"], "personal": None,
-                           **{k: v for k, v in finals.items() if "@" in k}}),
-                "global": ({**base, "method": {"name": "global"}}, {"global": finals["global"], "personal": None})}
+        jobs = {
+            "ditto": (
+                {**base, "method": {"name": "ditto", "lam": [0.1, 1.0]}},
+                {"global": finals["global"], "personal": None, **{k: v for k, v in finals.items() if "@" in k}},
+            ),
+            "global": ({**base, "method": {"name": "global"}}, {"global": finals["global"], "personal": None}),
+        }
         for name, (cfg, final) in jobs.items():
             (root / f"{name}{seed}").mkdir(parents=True)
             (root / f"{name}{seed}" / "results.json").write_text(json.dumps(_results(cfg, 4, final)))
@@ -146,11 +182,18 @@ def test_report_regenerates_the_same_statistics_and_figures_from_the_collected_c
 
 
 def test_ditto_is_compared_with_each_distinct_baseline_once() -> None:
-    rows = [("ditto λ=1.0 (mean)", "personal", "ditto"), ("ditto λ=auto (mean)", "personal", "ditto"),
-            ("ditto:global (mean)", "global", "ditto"), ("ditto λ=auto:global (mean)", "global", "ditto"),
-            ("finetune:global (mean)", "global", "finetune"), ("finetune (mean)", "personal", "finetune"),
-            ("local:global (mean)", "global", "local"), ("local (mean)", "personal", "local"),
-            ("qffl (mean)", "global", "qffl"), ("global (median)", "global", "global")]
+    rows = [
+        ("ditto λ=1.0 (mean)", "personal", "ditto"),
+        ("ditto λ=auto (mean)", "personal", "ditto"),
+        ("ditto:global (mean)", "global", "ditto"),
+        ("ditto λ=auto:global (mean)", "global", "ditto"),
+        ("finetune:global (mean)", "global", "finetune"),
+        ("finetune (mean)", "personal", "finetune"),
+        ("local:global (mean)", "global", "local"),
+        ("local (mean)", "personal", "local"),
+        ("qffl (mean)", "global", "qffl"),
+        ("global (median)", "global", "global"),
+    ]
     group = pd.DataFrame(rows, columns=["label", "kind", "method.name"]).assign(**{"aggregator.name": "mean"})
     group.loc[group["label"] == "global (median)", "aggregator.name"] = "median"
     dittos, bases = roles(group)
@@ -159,8 +202,13 @@ def test_ditto_is_compared_with_each_distinct_baseline_once() -> None:
     assert sorted(bases) == ["ditto:global (mean)", "finetune (mean)", "global (median)", "local (mean)", "qffl (mean)"]
     plain = group.iloc[:1].assign(label="global (mean)", kind="global", **{"method.name": "global"})
     with_plain = pd.concat([group, plain])
-    assert sorted(roles(with_plain)[1]) == ["finetune (mean)", "global (mean)", "global (median)", "local (mean)",
-                                            "qffl (mean)"]
+    assert sorted(roles(with_plain)[1]) == [
+        "finetune (mean)",
+        "global (mean)",
+        "global (median)",
+        "local (mean)",
+        "qffl (mean)",
+    ]
 
 
 def test_a_failed_job_of_an_experiment_arm_is_listed_with_its_composed_config(tmp_path: Path) -> None:
@@ -168,7 +216,8 @@ def test_a_failed_job_of_an_experiment_arm_is_listed_with_its_composed_config(tm
     (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- +experiment/arm=global_krum\n- attack.fraction=0.8\n")
     (tmp_path / "0" / ".hydra" / "config.yaml").write_text(
         "seed: 3\nnum_rounds: ${dataset.num_rounds}\ndataset: {name: digits, num_rounds: 9}\n"
-        "aggregator: {name: krum}\nmethod: {name: global}\nattack: {name: label_poison, fraction: 0.8}\n")
+        "aggregator: {name: krum}\nmethod: {name: global}\nattack: {name: label_poison, fraction: 0.8}\n"
+    )
     (tmp_path / "0" / "failed.json").write_text(json.dumps({"error": "ConfigError: krum needs n >= f + 3"}))
     run = collect(tmp_path)[0].iloc[0]
     assert (run["status"], run["aggregator.name"], run["attack.fraction"], run["seed"]) == ("failed", "krum", 0.8, 3)
@@ -185,10 +234,24 @@ def test_a_real_sweep_with_a_failing_job_then_report_and_notebook(tmp_path: Path
     nbclient = pytest.importorskip("nbclient")
     nbformat = pytest.importorskip("nbformat")
     sweep = tmp_path / "sweep"
-    args = ["-m", "num_clients=5", "clients_per_round=3", "num_rounds=2", "eval_every=2", "local_steps=3",
-            "aggregator=mean,bulyan", f"hydra.sweep.dir={sweep}"]  # bulyan needs 4f + 3 = 7 sampled updates: fails
-    proc = subprocess.run([sys.executable, "-m", "app.simulate", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env=flower_env(tmp_path / ".flwr"))
+    args = [
+        "-m",
+        "num_clients=5",
+        "clients_per_round=3",
+        "num_rounds=2",
+        "eval_every=2",
+        "local_steps=3",
+        "aggregator=mean,bulyan",
+        f"hydra.sweep.dir={sweep}",
+    ]  # bulyan needs 4f + 3 = 7 sampled updates: fails
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.simulate", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=flower_env(tmp_path / ".flwr"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "[sweep] job 1/2" in log and "[sweep] job 2/2" in log and "round 2/2" in log
@@ -198,8 +261,9 @@ def test_a_real_sweep_with_a_failing_job_then_report_and_notebook(tmp_path: Path
     notebook = nbformat.read(Path(__file__).parent.parent / "notebooks" / "analysis.ipynb", as_version=4)
     os.environ["DITTO_REPORT_DIR"] = str(sweep / "report")
     try:
-        nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+        nbclient.NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         del os.environ["DITTO_REPORT_DIR"]
     for name in ("scatter.png", "lambda.png", "corruption.png", "per_device.png"):

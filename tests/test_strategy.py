@@ -41,8 +41,12 @@ class FakeDevice(ClientProxy):
 
     def fit(self, ins, timeout, group_id):
         self.fitted += 1
-        return FitRes(status=OK, parameters=ndarrays_to_parameters(self.update),
-                      num_examples=10 * (self.partition_id + 1), metrics={})
+        return FitRes(
+            status=OK,
+            parameters=ndarrays_to_parameters(self.update),
+            num_examples=10 * (self.partition_id + 1),
+            metrics={},
+        )
 
     def get_parameters(self, ins, timeout, group_id):
         raise NotImplementedError
@@ -58,7 +62,12 @@ def _strategy(n: int, per_round: int, seed: int = 0, weighted: bool = False) -> 
     return RobustStrategy(
         initial_parameters=ndarrays_to_parameters(MODEL),
         aggregate=build_aggregator({"name": "mean", "weighted": weighted}),
-        num_clients=n, clients_per_round=per_round, num_rounds=3, eval_every=100, seed=seed, connect_timeout=5,
+        num_clients=n,
+        clients_per_round=per_round,
+        num_rounds=3,
+        eval_every=100,
+        seed=seed,
+        connect_timeout=5,
     )
 
 
@@ -96,9 +105,15 @@ class OddDevice(FakeDevice):
 
 def test_duplicate_out_of_range_missing_malformed_and_silent_nodes_are_excluded_and_the_run_goes_on() -> None:
     good = [FakeDevice("a", 0), FakeDevice("b", 1), FakeDevice("c", 2)]
-    odd = [FakeDevice("d", 3), FakeDevice("e", 3), FakeDevice("f", 7), OddDevice("g", {}),
-           OddDevice("h", {"partition_id": "1"}), OddDevice("i", {"partition_id": 1.5}),
-           OddDevice("j", TimeoutError("no reply"))]
+    odd = [
+        FakeDevice("d", 3),
+        FakeDevice("e", 3),
+        FakeDevice("f", 7),
+        OddDevice("g", {}),
+        OddDevice("h", {"partition_id": "1"}),
+        OddDevice("i", {"partition_id": 1.5}),
+        OddDevice("j", TimeoutError("no reply")),
+    ]
     strategy = _strategy(4, 2)
     strategy.registry.connect_timeout = 1
     chosen = strategy.configure_fit(1, ndarrays_to_parameters(MODEL), _manager(good + odd))
@@ -199,8 +214,12 @@ def test_undecodable_bytes_are_rejected_not_a_crash() -> None:
     strategy = _strategy(2, 2)
     strategy.configure_fit(1, ndarrays_to_parameters(MODEL), _manager([FakeDevice("a", 0), FakeDevice("b", 1)]))
     good = FitRes(status=OK, parameters=ndarrays_to_parameters([a + 1 for a in MODEL]), num_examples=5, metrics={})
-    garbage = FitRes(status=OK, parameters=Parameters(tensors=[b"not an array", b"x"], tensor_type="numpy.ndarray"),
-                     num_examples=5, metrics={})
+    garbage = FitRes(
+        status=OK,
+        parameters=Parameters(tensors=[b"not an array", b"x"], tensor_type="numpy.ndarray"),
+        num_examples=5,
+        metrics={},
+    )
     params, metrics = strategy.aggregate_fit(1, [(FakeDevice("a", 0), good), (FakeDevice("b", 1), garbage)], [])
     assert metrics["rejected_updates"] == 1 and metrics["accepted_updates"] == 1
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], 1.0)
@@ -209,28 +228,46 @@ def test_undecodable_bytes_are_rejected_not_a_crash() -> None:
 def test_weighted_and_unweighted_mean() -> None:
     updates = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
     weights = torch.tensor([1.0, 3.0])
-    torch.testing.assert_close(build_aggregator({"name": "mean", "weighted": False})(updates, weights, 0),
-                               torch.tensor([2.0, 2.0]))
-    torch.testing.assert_close(build_aggregator({"name": "mean", "weighted": True})(updates, weights, 0),
-                               torch.tensor([2.5, 3.0]))
+    torch.testing.assert_close(
+        build_aggregator({"name": "mean", "weighted": False})(updates, weights, 0), torch.tensor([2.0, 2.0])
+    )
+    torch.testing.assert_close(
+        build_aggregator({"name": "mean", "weighted": True})(updates, weights, 0), torch.tensor([2.5, 3.0])
+    )
 
 
 def test_only_evaluation_rounds_ask_every_device() -> None:
     devices = [FakeDevice(c, k) for k, c in enumerate("abcd")]
-    strategy = RobustStrategy(initial_parameters=ndarrays_to_parameters(MODEL),
-                              aggregate=build_aggregator({"name": "mean"}), num_clients=4, clients_per_round=2,
-                              num_rounds=7, eval_every=3, seed=0, connect_timeout=5)
-    asked = {r: len(strategy.configure_evaluate(r, ndarrays_to_parameters(MODEL), _manager(devices)))
-             for r in range(1, 8)}
+    strategy = RobustStrategy(
+        initial_parameters=ndarrays_to_parameters(MODEL),
+        aggregate=build_aggregator({"name": "mean"}),
+        num_clients=4,
+        clients_per_round=2,
+        num_rounds=7,
+        eval_every=3,
+        seed=0,
+        connect_timeout=5,
+    )
+    asked = {
+        r: len(strategy.configure_evaluate(r, ndarrays_to_parameters(MODEL), _manager(devices))) for r in range(1, 8)
+    }
     assert asked == {1: 0, 2: 0, 3: 4, 4: 0, 5: 0, 6: 4, 7: 4}
 
 
 def test_a_round_the_rule_cannot_aggregate_keeps_the_global_model_and_is_counted() -> None:
     nan = [np.full((2, 3), np.nan, dtype=np.float32), np.zeros(3, dtype=np.float32)]
     devices = [FakeDevice("a", 0), FakeDevice("b", 1, nan), FakeDevice("c", 2, nan), FakeDevice("d", 3)]
-    strategy = RobustStrategy(initial_parameters=ndarrays_to_parameters(MODEL),
-                              aggregate=build_aggregator({"name": "krum"}), num_clients=4, clients_per_round=4,
-                              num_rounds=1, eval_every=10, seed=0, num_malicious=0, connect_timeout=5)
+    strategy = RobustStrategy(
+        initial_parameters=ndarrays_to_parameters(MODEL),
+        aggregate=build_aggregator({"name": "krum"}),
+        num_clients=4,
+        clients_per_round=4,
+        num_rounds=1,
+        eval_every=10,
+        seed=0,
+        num_malicious=0,
+        connect_timeout=5,
+    )
     server = Server(client_manager=_manager(devices), strategy=strategy)
     server.fit(num_rounds=1, timeout=None)  # krum needs n >= f + 3 = 3 updates; 2 are valid
     assert strategy.rounds[0]["skipped_aggregation"] == 1 and strategy.rounds[0]["rejected_updates"] == 2
@@ -246,10 +283,18 @@ def test_threat_model_sees_the_malicious_devices_rows() -> None:
         return torch.zeros_like(updates)
 
     devices = [FakeDevice(c, k) for k, c in enumerate("abcd")]
-    strategy = RobustStrategy(initial_parameters=ndarrays_to_parameters(MODEL),
-                              aggregate=build_aggregator({"name": "mean"}), num_clients=4, clients_per_round=4,
-                              num_rounds=1, eval_every=10, seed=0, threat_model=record, malicious=frozenset({1, 3}),
-                              connect_timeout=5)
+    strategy = RobustStrategy(
+        initial_parameters=ndarrays_to_parameters(MODEL),
+        aggregate=build_aggregator({"name": "mean"}),
+        num_clients=4,
+        clients_per_round=4,
+        num_rounds=1,
+        eval_every=10,
+        seed=0,
+        threat_model=record,
+        malicious=frozenset({1, 3}),
+        connect_timeout=5,
+    )
     server = Server(client_manager=_manager(devices), strategy=strategy)
     server.fit(num_rounds=1, timeout=None)
     assert seen["mask"] == [False, True, False, True]  # rows sorted by partition id
@@ -264,8 +309,10 @@ def _key_pair() -> tuple[str, bytes]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     public = ec.generate_private_key(ec.SECP384R1()).public_key()
-    return (public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode(),
-            public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return (
+        public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode(),
+        public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+    )
 
 
 class FakeGrid:
@@ -305,7 +352,8 @@ def test_with_device_keys_a_node_is_the_device_of_its_key_and_an_impostor_gets_n
     chosen = strategy.configure_fit(2, ndarrays_to_parameters(MODEL), manager)
     assert impostor.cid not in {p.cid for p, _ in chosen}
     assert strategy.rounds[1]["exclusions"] == [
-        {"node": "20", "claimed": 1, "reason": "its key is not listed in device_keys"}]
+        {"node": "20", "claimed": 1, "reason": "its key is not listed in device_keys"}
+    ]
     back = _node(grid, 11, pairs[1][1], 1)  # device 1 restarts with its key: same node id, a new connection
     manager.unregister(impostor)
     manager.register(back)
@@ -329,8 +377,11 @@ def test_without_device_keys_identity_is_the_nodes_claim() -> None:
 
 @pytest.mark.parametrize(
     ("listed", "error"),
-    [({"0": "A"}, "every partition id 0..1"), ({"0": "A", "1": "not a key"}, "device 1 is no OpenSSH public key"),
-     ({"0": "A", "1": "A"}, "same key")],
+    [
+        ({"0": "A"}, "every partition id 0..1"),
+        ({"0": "A", "1": "not a key"}, "device 1 is no OpenSSH public key"),
+        ({"0": "A", "1": "A"}, "same key"),
+    ],
 )
 def test_a_bad_device_keys_file_names_the_problem(tmp_path, listed: dict, error: str) -> None:
     from strategies.identity import load_device_keys
@@ -345,8 +396,9 @@ def test_a_bad_device_keys_file_names_the_problem(tmp_path, listed: dict, error:
 def _evaluation(n_test: int = 10, correct: float = 7, loss: float = 0.5, **changes) -> EvaluateRes:
     metrics = {"partition_id": 0, "n_train": 30, "n_test": n_test, "correct_global": correct, "loss_global": loss}
     metrics.update(changes)
-    return EvaluateRes(status=OK, loss=loss, num_examples=n_test, metrics={k: v for k, v in metrics.items()
-                                                                           if v is not None})
+    return EvaluateRes(
+        status=OK, loss=loss, num_examples=n_test, metrics={k: v for k, v in metrics.items() if v is not None}
+    )
 
 
 NEEDED = frozenset({"n_train", "n_test", "correct_global", "loss_global"})
@@ -354,11 +406,17 @@ NEEDED = frozenset({"n_train", "n_test", "correct_global", "loss_global"})
 
 @pytest.mark.parametrize(
     ("res", "reason"),
-    [(_evaluation(correct=11), "correct_global=11"), (_evaluation(correct=-1), "correct_global=-1"),
-     (_evaluation(correct=2.5), "correct_global=2.5"), (_evaluation(loss=float("nan")), "loss=nan"),
-     (_evaluation(n_test=0, correct=0), "num_examples=0"), (_evaluation(correct_global=None), "missing"),
-     (_evaluation(partition_id=3), "partition_id=3 in the reply of device 0"),
-     (_evaluation(n_train=-4), "n_train=-4"), (_evaluation(lam=float("inf")), "lam=inf")],
+    [
+        (_evaluation(correct=11), "correct_global=11"),
+        (_evaluation(correct=-1), "correct_global=-1"),
+        (_evaluation(correct=2.5), "correct_global=2.5"),
+        (_evaluation(loss=float("nan")), "loss=nan"),
+        (_evaluation(n_test=0, correct=0), "num_examples=0"),
+        (_evaluation(correct_global=None), "missing"),
+        (_evaluation(partition_id=3), "partition_id=3 in the reply of device 0"),
+        (_evaluation(n_train=-4), "n_train=-4"),
+        (_evaluation(lam=float("inf")), "lam=inf"),
+    ],
 )
 def test_check_evaluation_names_what_is_wrong(res: EvaluateRes, reason: str) -> None:
     assert reason in check_evaluation(res, 0, NEEDED)
@@ -373,15 +431,21 @@ def test_evaluation_replies_count_for_the_device_asked_and_bad_ones_never_reach_
     strategy.eval_every = 1
     devices = [FakeDevice(c, k) for k, c in enumerate("abcd")]
     sent = strategy.configure_evaluate(1, ndarrays_to_parameters(MODEL), _manager(devices))
-    replies = {"a": _evaluation(partition_id=None),  # says nothing of who it is: it is device 0, asked as such
-               "b": _evaluation(partition_id=0),  # device 1 claims device 0's row
-               "c": _evaluation(correct=12, partition_id=2),  # more correct answers than test samples
-               "d": _evaluation(partition_id=3, correct=4)}
+    replies = {
+        "a": _evaluation(partition_id=None),  # says nothing of who it is: it is device 0, asked as such
+        "b": _evaluation(partition_id=0),  # device 1 claims device 0's row
+        "c": _evaluation(correct=12, partition_id=2),  # more correct answers than test samples
+        "d": _evaluation(partition_id=3, correct=4),
+    }
     strategy.aggregate_evaluate(1, [(proxy, replies[proxy.cid]) for proxy, _ in sent], [RuntimeError("lost")])
     assert [(r["partition_id"], r["correct_global"]) for r in seen["rows"]] == [(0, 7), (3, 4)]
     entry = strategy.rounds[-1]
-    assert (entry["sent_evaluations"], entry["evaluations"], entry["rejected_evaluations"],
-            entry["failed_evaluations"]) == (4, 2, 2, 1)
+    assert (
+        entry["sent_evaluations"],
+        entry["evaluations"],
+        entry["rejected_evaluations"],
+        entry["failed_evaluations"],
+    ) == (4, 2, 2, 1)
 
 
 def test_a_node_forging_its_evaluation_is_refused() -> None:
@@ -394,7 +458,9 @@ def test_a_node_forging_its_evaluation_is_refused() -> None:
             return 0.5, 10, dict(_evaluation().metrics)
 
     loss, n, metrics = rogue_client(Honest(), "forge-evaluation").evaluate([], {})
-    assert check_evaluation(EvaluateRes(status=OK, loss=loss, num_examples=n, metrics=metrics), 0, NEEDED) == \
-        "correct_global=11, expected a whole number in 0..10"
+    assert (
+        check_evaluation(EvaluateRes(status=OK, loss=loss, num_examples=n, metrics=metrics), 0, NEEDED)
+        == "correct_global=11, expected a whole number in 0..10"
+    )
     with pytest.raises(ValueError, match="rogue='lie' is unknown; allowed: forge-evaluation"):
         rogue_client(Honest(), "lie")

@@ -33,8 +33,10 @@ CASES = [
 ]
 IDS = ["clean", "variance", "shift"]
 # The notebook's two figure settings (point_estimation.ipynb, cell 3, lines 5 and 9), one coordinate.
-NOTEBOOK = [Setting(sigma=0.8, n=30, tau=0.1, tau_a=0.1, K=8, d=1),
-            Setting(sigma=0.8, n=30, tau=0.1, tau_a=0.5, K=16, K_a=8, d=1)]
+NOTEBOOK = [
+    Setting(sigma=0.8, n=30, tau=0.1, tau_a=0.1, K=8, d=1),
+    Setting(sigma=0.8, n=30, tau=0.1, tau_a=0.5, K=16, K_a=8, d=1),
+]
 
 
 def _notebook(s: Setting) -> tuple[float, float]:
@@ -42,8 +44,9 @@ def _notebook(s: Setting) -> tuple[float, float]:
     sigma, n, K, tau, tau_a, num_mali = s.sigma, s.n, s.K, s.tau, s.tau_a, s.K_a
     optimal_lambda = sigma**2 / n * (K / (K * tau**2 + num_mali * (tau_a**2 - tau**2) / (K - 1)))
     sigma_n_square = sigma**2 / n
-    sigma_w_square = 1 / (1 / sigma_n_square + (K - 1) / (K * tau**2 + sigma_n_square
-                                                        + (num_mali * 1.0 / (K - 1)) * (tau_a**2 - tau**2)))
+    sigma_w_square = 1 / (
+        1 / sigma_n_square + (K - 1) / (K * tau**2 + sigma_n_square + (num_mali * 1.0 / (K - 1)) * (tau_a**2 - tau**2))
+    )
     return optimal_lambda, sigma_w_square
 
 
@@ -106,8 +109,9 @@ def test_without_attackers_the_variance_is_minimised_at_lam_star(s: Setting) -> 
     assert lam_star_variance(s) == pytest.approx(lam_star(s), rel=1e-3)
 
 
-@pytest.mark.parametrize("s", [NOTEBOOK[1], Setting(K_a=6), Setting(K_a=24), *CASES[1:],
-                               replace(Setting(K_a=6), attackers="shift")])
+@pytest.mark.parametrize(
+    "s", [NOTEBOOK[1], Setting(K_a=6), Setting(K_a=24), *CASES[1:], replace(Setting(K_a=6), attackers="shift")]
+)
 def test_with_attackers_the_variance_is_minimised_between_lam_star_and_the_clean_optimum(s: Setting) -> None:
     """Between lam* and sigma^2 / (n tau^2); in these settings within 20 % of lam*, where the variance is within
     2 % of its minimum."""
@@ -119,8 +123,11 @@ def test_with_attackers_the_variance_is_minimised_between_lam_star_and_the_clean
     assert loss_variance(best, s) <= others * (1 + 1e-9)  # up to the grids' resolution (ratio 1.00014)
 
 
-@pytest.mark.parametrize("s", [Setting(K_a=6), replace(Setting(K_a=6), attackers="shift"), NOTEBOOK[1]],
-                         ids=["variance", "shift", "notebook"])
+@pytest.mark.parametrize(
+    "s",
+    [Setting(K_a=6), replace(Setting(K_a=6), attackers="shift"), NOTEBOOK[1]],
+    ids=["variance", "shift", "notebook"],
+)
 def test_monte_carlo_minimisers_of_loss_and_of_its_variance_are_the_closed_forms(s: Setting) -> None:
     """4,000 realisations on 33 lam from lam*/4 to 4 lam* (ratio 1.09 apart): each minimiser within one step."""
     grid = lam_grid(lam_star(s), 33)
@@ -154,8 +161,9 @@ def test_many_attackers_next_to_a_fixed_benign_group_lower_lam_star_only_when_th
     assert spread[0] < spread[1] < spread[2] < spread[3] and spread[-1] == pytest.approx(clean, rel=1e-3)
 
 
-@pytest.mark.parametrize("s", [Setting(), Setting(K_a=6), Setting(n=5, tau=1.0, K_a=3, tau_a=4.0),
-                               Setting(K_a=6, attackers="shift")])
+@pytest.mark.parametrize(
+    "s", [Setting(), Setting(K_a=6), Setting(n=5, tau=1.0, K_a=3, tau_a=4.0), Setting(K_a=6, attackers="shift")]
+)
 def test_ditto_at_lam_star_beats_global_and_local_in_closed_form(s: Setting) -> None:
     star = expected_loss(lam_star(s), s)
     assert star < expected_loss(0.0, s) and star < expected_loss(math.inf, s)
@@ -171,9 +179,21 @@ def test_a_setting_with_an_unknown_attacker_model_or_no_benign_device_is_refused
 
 
 def _device_means(attackers: str) -> np.ndarray:
-    cfg = compose_config(["dataset=gaussian_mean", "attack=none", "num_clients=200", "clients_per_round=10",
-                          "dataset.num_attackers=100", f"dataset.attackers={attackers}", "dataset.samples=2000",
-                          "dataset.test_samples=1", "dataset.tau=0.5", "dataset.tau_a=2.0", "dataset.sigma=1.0"])
+    cfg = compose_config(
+        [
+            "dataset=gaussian_mean",
+            "attack=none",
+            "num_clients=200",
+            "clients_per_round=10",
+            "dataset.num_attackers=100",
+            f"dataset.attackers={attackers}",
+            "dataset.samples=2000",
+            "dataset.test_samples=1",
+            "dataset.tau=0.5",
+            "dataset.tau_a=2.0",
+            "dataset.sigma=1.0",
+        ]
+    )
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
     return np.stack([device.y_train.double().mean(0).numpy() for device in federation.devices])
 
@@ -198,8 +218,11 @@ def test_the_generator_refuses_an_unknown_attacker_model() -> None:
         load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
 
 
-@pytest.mark.parametrize("s", [Setting(K=20), Setting(K=20, K_a=5), Setting(K=20, K_a=5, attackers="shift")],
-                         ids=["clean", "variance", "shift"])
+@pytest.mark.parametrize(
+    "s",
+    [Setting(K=20), Setting(K=20, K_a=5), Setting(K=20, K_a=5, attackers="shift")],
+    ids=["clean", "variance", "shift"],
+)
 def test_ditto_through_ditto_client_reaches_the_closed_form_and_its_loss_is_smallest_near_lam_star(s: Setting) -> None:
     """One realisation, 5 lam from lam*/4 to 4 lam* (ratio 2 apart) and lam = 0. Every benign device's loss equals
     the closed-form solution of its realisation, so the client code solves the analysed problem; the loss is

@@ -42,8 +42,8 @@ def apfl_round(
     generator: torch.Generator,
 ) -> None:
     """APFL's local round (Deng et al. 2020, Algorithm 1), per step on one mini-batch b, both gradients at time t:
-        w <- w - lr * grad F(w; b)
-        v <- v - lr * alpha * grad F(alpha v + (1 - alpha) w; b)"""
+    w <- w - lr * grad F(w; b)
+    v <- v - lr * alpha * grad F(alpha v + (1 - alpha) w; b)"""
     mixed = copy.deepcopy(personal_model)
     for idx in minibatches(len(y), batch_size, steps, generator, x.device):
         xb, yb = x[idx], y[idx]
@@ -60,13 +60,16 @@ class APFL(Method):
     keeps_personal = True
     scores_personal = True
 
-    def train_round(self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module],
-                    steps: dict) -> list[list[float]]:
-        apfl_round(global_model, personal[0], device.x_train, device.y_train, alpha=float(self.cfg.method.alpha),
-                   **steps)
+    def train_round(
+        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], steps: dict
+    ) -> list[list[float]]:
+        apfl_round(
+            global_model, personal[0], device.x_train, device.y_train, alpha=float(self.cfg.method.alpha), **steps
+        )
         return [[]]
 
-    def evaluated(self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module],
-                  server_round: int) -> dict[str, nn.Module]:
+    def evaluated(
+        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], server_round: int
+    ) -> dict[str, nn.Module]:
         mixed = mix_into(copy.deepcopy(personal[0]), personal[0], global_model, float(self.cfg.method.alpha))
         return {"personal": mixed}

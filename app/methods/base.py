@@ -37,23 +37,27 @@ class Method:
         """What a device reports with its update, besides its partition id."""
         return {}
 
-    def train_round(self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module],
-                    steps: dict) -> list[list[float]]:
+    def train_round(
+        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], steps: dict
+    ) -> list[list[float]]:
         """Train `global_model` (w^t on entry) and the `personal` models in place for one round (`steps`: the local
         round's keyword arguments); returns the lam of each personal step, per personal model. Here Ditto's round
         (app/ditto.py), one personal model per lam of the device."""
         lam = device.lam
         lams = list(lam) if isinstance(lam, tuple) else [lam] * len(personal)
-        return ditto.multi_lam_round(global_model, personal, lams, device.x_train, device.y_train,
-                                     train_global=self.trains_global, **steps)
+        return ditto.multi_lam_round(
+            global_model, personal, lams, device.x_train, device.y_train, train_global=self.trains_global, **steps
+        )
 
-    def lam_counts(self, device: DittoClient, stored: DeviceState | None,
-                   chosen: list[list[float]]) -> np.ndarray | None:
+    def lam_counts(
+        self, device: DittoClient, stored: DeviceState | None, chosen: list[list[float]]
+    ) -> np.ndarray | None:
         """What the device keeps of the lams its personal steps chose (lam auto); None: nothing."""
         return None
 
-    def evaluated(self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module],
-                  server_round: int) -> dict[str, nn.Module]:
+    def evaluated(
+        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], server_round: int
+    ) -> dict[str, nn.Module]:
         """The models scored besides the received w, by model kind (app/results.py)."""
         return {}
 

@@ -23,20 +23,23 @@ class Ditto(Method):
     keeps_personal = True
     scores_personal = True
 
-    def lam_counts(self, device: DittoClient, stored: DeviceState | None,
-                   chosen: list[list[float]]) -> np.ndarray | None:
+    def lam_counts(
+        self, device: DittoClient, stored: DeviceState | None, chosen: list[list[float]]
+    ) -> np.ndarray | None:
         """lam auto: how often each grid value was chosen, this round's choices included."""
         if not isinstance(device.lam, LamSearch):
             return None
         grid = device.lam.grid
-        counts = stored.lam_counts.copy() if stored is not None and stored.lam_counts is not None \
-            else np.zeros(len(grid))
+        counts = (
+            stored.lam_counts.copy() if stored is not None and stored.lam_counts is not None else np.zeros(len(grid))
+        )
         for lam in chosen[0] if chosen else []:
             counts[grid.index(lam)] += 1
         return counts
 
-    def evaluated(self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module],
-                  server_round: int) -> dict[str, nn.Module]:
+    def evaluated(
+        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], server_round: int
+    ) -> dict[str, nn.Module]:
         """The stored personal model; with a lam list, one per lam, each under its own kind."""
         if isinstance(device.lam, tuple):
             return {personal_kind(lam): model for lam, model in zip(device.lam, personal)}

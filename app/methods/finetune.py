@@ -28,10 +28,20 @@ class Finetune(Method):
         iters = int(self.cfg.method.finetune_iters)
         return max(int(iters * n_train / self.cfg.batch_size), iters)
 
-    def evaluated(self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module],
-                  server_round: int) -> dict[str, nn.Module]:
+    def evaluated(
+        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], server_round: int
+    ) -> dict[str, nn.Module]:
         tuned = copy.deepcopy(global_model)
-        ditto.local_round(tuned, None, device.x_train, device.y_train, steps=self.finetune_steps(len(device.y_train)),
-                          batch_size=self.cfg.batch_size, lr=float(self.cfg.lr), lam=0.0, loss_fn=device.objective,
-                          generator=device.generator(server_round, ditto.Stream.FINETUNE))
+        ditto.local_round(
+            tuned,
+            None,
+            device.x_train,
+            device.y_train,
+            steps=self.finetune_steps(len(device.y_train)),
+            batch_size=self.cfg.batch_size,
+            lr=float(self.cfg.lr),
+            lam=0.0,
+            loss_fn=device.objective,
+            generator=device.generator(server_round, ditto.Stream.FINETUNE),
+        )
         return {"personal": tuned}
