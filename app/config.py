@@ -251,10 +251,11 @@ def validate(cfg: DictConfig) -> None:
         if option in cfg.method:
             _check(cfg, f"method.{option}", ok, allowed)
     lam = cfg.method.get("lam")
-    if isinstance(lam, Sequence) and not isinstance(lam, str) and cfg.method.name != "ditto":
+    if isinstance(lam, Sequence) and not isinstance(lam, str) and not METHODS[cfg.method.name].lam_lists:
+        takes = ", ".join(name for name, method in METHODS.items() if method.lam_lists)
         raise ConfigError(
             f"config key 'method.lam' = {list(lam)!r} is not allowed with method={cfg.method.name}: a "
-            "lam list trains one Ditto personal model per lam. Use method=ditto, or a single lam."
+            f"lam list trains one personal model per lam, which only method={takes} does. Use it, or a single lam."
         )
     if cfg.resume and cfg.personal_state != "disk" and METHODS[cfg.method.name].keeps_personal:
         raise ConfigError(

@@ -1,5 +1,5 @@
 """What a run shows on the console: Flower's own messages from warning level only (all of them with `verbose=true`;
-Hydra's job log keeps every line either way) and one progress line per run: rounds done, elapsed time, ETA and the
+Hydra's job log keeps every log record either way) and one progress line per run: rounds done, elapsed time, ETA and the
 last evaluation's benign accuracy per model. On a terminal the line is rewritten in place; elsewhere (CI, Hydra
 sweep logs, `flwr run`'s stream) and with `verbose=true` it is printed as a plain line after the first round, at
 most every PLAIN_EVERY seconds, and after the last round."""

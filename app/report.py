@@ -34,8 +34,8 @@ from app import figures
 from app.config import dotted
 from app.metrics import SUMMARY_KEYS
 from app.results import LAM_TAG
+from app.summary import GLOBAL_METHODS, paired, per_seed, summarize
 from app.summary import METRICS as CI_METRICS
-from app.summary import paired, per_seed, summarize
 
 FACETS = ["attack.name", "attack.fraction"]
 GROUPS = ("dataset", "attack", "aggregator", "method")
@@ -89,7 +89,7 @@ def label(row: dict[str, Any]) -> str:
         lam = row.get("method.lam")
         return f"{method} λ={lam} ({aggregator})" if method == "ditto" else f"{method} ({aggregator})"
     method = row.get("method.name", "?")
-    if method in ("global", "qffl", "tilted"):
+    if method in GLOBAL_METHODS:
         return f"{method} ({aggregator})"
     if method == "ditto" and row.get("method.lam") == "auto":  # trained on 90 % of the data: a global model of its own
         method = "ditto λ=auto"

@@ -17,7 +17,7 @@ from flwr.server.server import fit_clients
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from app.attacks import aggregator_f, attackers, threat_model
-from app.config import check_flwr_run, config_from_overrides, dotted
+from app.config import EXECUTION_KEYS, check_flwr_run, config_from_overrides, dotted
 from app.data import load_federation
 from app.device import resolve_device, set_deterministic
 from app.ditto import trained_count
@@ -86,7 +86,7 @@ class ResultsServer(Server):
         return history, elapsed
 
     def fit_round(self, server_round: int, timeout: float | None):  # -> (parameters, metrics, (results, failures))
-        """Flower's `Server.fit_round` (flwr/server/server.py, 1.41.0 lines 205-249) without its log lines, whose
+        """Flower's `Server.fit_round` (flwr/server/server.py lines 205-249, 1.41.0-1.42.0) without its log lines, whose
         count of available nodes (`num_available()`) re-lists the whole federation through the grid every round
         (the strategy logs the round itself); a round the resumed checkpoint holds is skipped. A copy:
         tests/test_flower_seams.py fails when Flower's original changes."""
@@ -115,19 +115,22 @@ class ResultsServer(Server):
         return res
 
 
-RESUME_MAY_CHANGE = ("resume", "num_rounds", "verbose")
+# how a run is executed may change on resume (a checkpoint written before a key existed lacks it), and num_rounds,
+# to extend a run; not where the personal models live
+RESUME_MAY_CHANGE = (EXECUTION_KEYS - {"personal_state", "state_dir"}) | {"num_rounds"}
 
 
 def check_resumable(saved: dict, current: dict) -> None:
     """Raise ValueError naming the keys whose values differ between the checkpoint's config and this one (only
-    `resume`, `num_rounds` (to extend a run) and `verbose` may change)."""
+    RESUME_MAY_CHANGE may)."""
     a, b = dotted(saved), dotted(current)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
     if differ:
         raise ValueError(
             "resume=true with a config that differs from the checkpoint's in: "
             + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ)
-            + ". Resume with the run's own config (only num_rounds may change), or start a new run."
+            + f". Resume with the run's own config (only {', '.join(sorted(RESUME_MAY_CHANGE))} may change), or "
+            "start a new run."
         )
 
 

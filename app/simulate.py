@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import traceback
 from contextlib import nullcontext
 from logging import ERROR
@@ -83,6 +84,15 @@ def finished(out_dir: Path, cfg: DictConfig) -> dict | None:
     return record["final"] if same == wanted else None
 
 
+def clear_attempt(out_dir: Path) -> None:
+    """Remove what an earlier attempt in a reused job folder left that this run would not overwrite before it ends:
+    its results.json or failed.json (the report would read them if this run failed or were stopped) and its personal
+    models in the default disk location (a device would start from another config's model)."""
+    for name in ("results.json", "failed.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "personal_state", ignore_errors=True)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
@@ -99,7 +109,8 @@ def main(cfg: DictConfig) -> dict | None:
         print(f"[sweep] job {hc.job.num + 1}/{total}: {' '.join(overrides)}: done already (skip_done)", flush=True)
         return done
     print(f"[sweep] job {hc.job.num + 1}/{total}: {' '.join(overrides)}", flush=True)  # its progress line follows
-    (out_dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's; this one writes its own
+    if not cfg.resume:
+        clear_attempt(out_dir)
     try:
         return simulate(cfg, out_dir)
     except Exception as err:  # one failed job must not stop the sweep; the collector lists it

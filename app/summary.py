@@ -15,6 +15,7 @@ import math
 import pandas as pd
 
 from app.config import EXECUTION_KEYS
+from app.methods import METHODS
 from app.stats import paired_interval, t_interval
 
 METRICS = ("benign_acc", "benign_std_acc", "benign_worst10_acc")
@@ -109,7 +110,8 @@ def summarize(table: pd.DataFrame, setting: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-GLOBAL_METHODS = ("global", "qffl", "tilted")  # methods whose only model is the global one
+# methods whose only model is the global one (global, qffl, tilted)
+GLOBAL_METHODS = tuple(name for name, m in METHODS.items() if not m.keeps_personal and not m.scores_personal)
 
 
 def roles(group: pd.DataFrame) -> tuple[list[str], list[str]]:

@@ -10,8 +10,8 @@ targets are Krum and Multi-Krum within 1.5x and Bulyan within 3x wherever the pr
 ours' peak extra resident memory as a multiple of the stack's size (VmHWM after resetting it through
 /proc/self/clear_refs, minus the resident size before the call). Flower's functions run in a forked child so that
 one slower than --cap seconds can be stopped; the ratio is then a lower bound (">"). With --threads 1 every figure
-is the CPU time of the one computing thread (time.process_time), which a shared machine does not inflate by
-descheduling it; otherwise wall time. f = (n - 3) // 4, the largest
+is the CPU time of the process (time.process_time: all its threads, the column-block rules' small pool included),
+which a shared machine does not inflate by descheduling; otherwise wall time. f = (n - 3) // 4, the largest
 Bulyan allows. After the plain stack, Krum, Multi-Krum and Bulyan run again on the same stack with its first n // 10
 rows scaled by 1e8 ("huge" rows: the regime robust rules exist for, where centring on the column mean spoils the
 Gram route), with ours/Gram only.

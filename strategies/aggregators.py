@@ -25,7 +25,6 @@ import torch
 
 from strategies.distances import bulyan_select, check_stack, krum_select
 
-Aggregator = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 _LOG = logging.getLogger(__name__)
 _GEOMED_BLOCK = 4096  # columns per float64 block in geomed: a block of the stack stays in cache
 
@@ -107,7 +106,8 @@ def _row_means_closest_to_median(block: np.ndarray, beta: int) -> np.ndarray:
     Distances to the median fall then rise along the sorted row, so the beta closest values are the window of the
     sorted row with the smallest reach (its farther end); one sort replaces a partition and a ranking of distances.
     Where the first and the last window of that reach hold different values (m - r and m + r tie for the last
-    place), the row is ranked by a stable sort of its distances instead, as the definition asks."""
+    place), the row is ranked by a stable sort of its distances instead, as the definition asks. The mean sums the
+    window in sorted order, in float64 (exact for float32 values of similar magnitude, so the same as any order)."""
     ordered = np.sort(block, axis=1)
     n = ordered.shape[1]
     k = n // 2

@@ -172,7 +172,7 @@ def _float64_gram(
     block at a time. For a few rows this is one pass over the stack at a memory-bound GEMM's cost."""
     n, d = x.shape
     gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64, device=x.device)
-    sq = torch.zeros(n, dtype=torch.float64, device=x.device)
+    sq = torch.zeros(n, dtype=torch.float64, device=x.device) if rows is not None else None
     buffer = torch.empty(n, min(d, _BLOCK), dtype=torch.float64, device=x.device)
     squares = torch.empty_like(buffer) if rows is not None else None
     for start in range(0, d, _BLOCK):
@@ -192,7 +192,7 @@ class _Intervals:
         n, d = x.shape
         self.benign = _centre(x, num_malicious)
         everything = torch.arange(n, device=x.device)
-        # per row: 0 the first float32 bounds, 1 float32 bounds from short chunks (or float64 ones), 2 exact
+        # per row: 0 the first float32 bounds, 1 bounds from float64 Gram rows, 2 exact
         self.level = torch.zeros(n, dtype=torch.long, device=x.device)
         float32 = float32_first and x.dtype == torch.float32
         route = _float32_gram(x, self.benign) if float32 else None

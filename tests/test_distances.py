@@ -150,3 +150,24 @@ def test_float32_route_stands_down_where_its_bound_does_not_hold() -> None:
         torch.set_float32_matmul_precision(previous)
     stack = x * 1e20
     assert sorted(krum_select(stack, 2, 6).tolist()) == sorted(_brute_select(stack, 2, 6))
+
+
+def test_bounds_hold_after_tightening_across_column_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float64 rows that tighten open rows are summed over column blocks (a reused buffer, a narrow last block):
+    they equal the full float64 Gram's rows, and the tightened bounds still contain the exact distances."""
+    monkeypatch.setattr(distances, "_BLOCK", 64)
+    g = torch.Generator().manual_seed(3)
+    for x in (
+        torch.randn(12, 209, generator=g),
+        torch.cat([torch.randn(9, 209, generator=g), 1e7 * torch.ones(3, 209)]),
+    ):
+        rows = torch.tensor([5, 0, 11])
+        full, _, _ = distances._float64_gram(x, None)
+        part, sq, _ = distances._float64_gram(x, None, rows)
+        torch.testing.assert_close(part, full[rows], rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(sq, full.diagonal(), rtol=1e-12, atol=1e-9)
+        intervals = _Intervals(x, 2)
+        intervals.tighten(rows)
+        assert bool((intervals.level[rows] == 1).all())
+        exact, off = _brute(x), ~torch.eye(len(x), dtype=torch.bool)
+        assert bool((intervals.lower[off] <= exact[off]).all() and (exact[off] <= intervals.upper[off]).all())

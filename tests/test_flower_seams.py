@@ -21,7 +21,7 @@ from app.progress import Progress
 from app.server_app import ResultsServer
 from strategies.aggregators import Rule
 
-# Flower 1.41.0's Server.fit_round (flwr/server/server.py lines 205-249), docstring and log calls left out.
+# Flower's Server.fit_round (flwr/server/server.py lines 205-249, 1.41.0-1.42.0), docstring and log calls left out.
 FIT_ROUND_SHA256 = "b1f8165a35dce2dc972eae317b42989e3ff03e352cfbde60ce84cabe9c196821"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from flwr.app import Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate import LinkState, LinkStateFactory
@@ -23,14 +24,17 @@ from app.deploy import ROUND_TIMEOUT, deployment_overrides
 HEARTBEAT = 1.0  # s; the SuperLink counts a node offline after 2 missed intervals (HEARTBEAT_PATIENCE)
 
 
-def _pulled_by_a_node_that_died(tmp_path: Path, ttl: float) -> tuple[LinkState, int, int, str]:
+def _pulled_by_a_node_that_died(
+    tmp_path: Path, ttl: float, monkeypatch: pytest.MonkeyPatch
+) -> tuple[LinkState, int, int, str]:
     """A SuperLink state with one run and one node that pulled a train message (TTL `ttl`) and then went silent
     long enough to be counted offline; (state, run, node, message id)."""
     state = LinkStateFactory(str(tmp_path / "superlink.db"), NoOpFederationManager(), ObjectStoreFactory()).state()
     run = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, None, "flwr-serverapp")
     node = state.create_node("owner", "owner", b"node-key", heartbeat_interval=HEARTBEAT)
     assert state.activate_node(node, heartbeat_interval=HEARTBEAT)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run, SUPERLINK_NODE_ID, 1  # as in a ServerApp
+    for name, value in (("_run_id", run), ("_node_id", SUPERLINK_NODE_ID), ("_task_id", 1)):  # as in a ServerApp
+        monkeypatch.setattr(TaskIdentity, name, value)  # restored after the test
     msg = Message(RecordDict(), dst_node_id=node, message_type="train", ttl=ttl)
     msg.metadata.__dict__["_message_id"] = msg.object_id  # as the Grid does before pushing
     mid = state.store_message_ins(msg)
@@ -39,21 +43,23 @@ def _pulled_by_a_node_that_died(tmp_path: Path, ttl: float) -> tuple[LinkState, 
     return state, run, node, mid
 
 
-def test_a_poll_while_the_node_is_offline_answers_its_message(tmp_path: Path) -> None:
-    state, run, _, mid = _pulled_by_a_node_that_died(tmp_path, ttl=43200.0)
+def test_a_poll_while_the_node_is_offline_answers_its_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state, run, _, mid = _pulled_by_a_node_that_died(tmp_path, 43200.0, monkeypatch)
     (reply,) = state.get_message_res({mid}, run)
     assert reply.has_error()
 
 
-def test_a_node_readmitted_before_a_poll_leaves_its_message_unanswered_until_the_ttl(tmp_path: Path) -> None:
-    ttl = 5.0
-    state, run, node, mid = _pulled_by_a_node_that_died(tmp_path, ttl)
+def test_a_node_readmitted_before_a_poll_leaves_its_message_unanswered_until_the_ttl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ttl = 15.0  # the setup takes 2.5 heartbeats and a few database writes: well inside it even on a loaded machine
+    state, run, node, mid = _pulled_by_a_node_that_died(tmp_path, ttl, monkeypatch)
     assert state.activate_node(node, heartbeat_interval=30.0)  # restarted with its key: the same node id, online
     assert not state.get_message_ins(node_id=node, limit=None), "the new incarnation is not given the message"
     assert state.get_message_res({mid}, run) == [], (
         "Flower now answers a message lost with a readmitted node: ROUND_TIMEOUT in app/deploy.py may go"
     )
-    time.sleep(ttl)
+    time.sleep(ttl)  # from now on, past the TTL counted from the message's creation
     (reply,) = state.get_message_res({mid}, run)
     assert reply.has_error(), "past its TTL the message is answered with an error: the round goes on"
 

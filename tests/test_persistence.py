@@ -126,6 +126,10 @@ def test_checkpoint_round_trip_and_config_check(tmp_path: Path) -> None:
     check_resumable({"seed": 0, "num_rounds": 5, "resume": False}, {"seed": 0, "num_rounds": 9, "resume": True})
     with pytest.raises(ValueError, match=r"method\.lam \(1\.0 -> 0\.5\)"):
         check_resumable({"method": {"lam": 1.0}}, {"method": {"lam": 0.5}})
+    # a checkpoint written before skip_done and the deployments' round_timeout existed resumes under today's config
+    check_resumable({"seed": 0, "resume": False}, {"seed": 0, "resume": True, "skip_done": False, "round_timeout": 180})
+    with pytest.raises(ValueError, match="personal_state"):  # where the personal models live may not change
+        check_resumable({"personal_state": "disk"}, {"personal_state": "memory"})
 
 
 def test_a_resumed_server_continues_centered_clipping_from_the_saved_centre(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 class Ditto(Method):
     keeps_personal = True
     scores_personal = True
+    lam_lists = True
 
     def lam_counts(
         self, device: DittoClient, stored: DeviceState | None, chosen: list[list[float]]
