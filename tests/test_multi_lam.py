@@ -4,8 +4,6 @@ trajectory, and each lam's numbers equal its single-lam run's bit for bit (dropo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +12,10 @@ from flwr.app import RecordDict
 
 from app.client_app import DittoClient
 from app.config import ConfigError, compose_config
-from app.launch import flower_env
 from app.models import get_weights
 from app.persistence import MemoryStore
 from app.results import personal_kind
+from tests.test_end_to_end import _simulate
 
 # the FEMNIST CNN has dropout: the personal steps must draw the same masks as in a single-lam run
 TINY = ["num_clients=6", "local_steps=4", "batch_size=8", "dataset.model=cnn_femnist", "attack.fraction=0.5"]
@@ -82,14 +80,7 @@ def test_a_lam_list_run_reports_each_lam_as_its_single_lam_run(tmp_path: Path) -
         "method.lam=[0.1,1.0],0.1,1.0",
         f"hydra.sweep.dir={tmp_path}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "app.simulate", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=flower_env(tmp_path / ".flwr"),
-    )
+    proc = _simulate(args, tmp_path)  # python -m app.simulate, as the end-to-end tests run it
     assert proc.returncode == 0, proc.stderr[-3000:]
     multi, single01, single1 = (json.loads((tmp_path / str(i) / "results.json").read_text()) for i in range(3))
     assert multi["config"]["method"]["lam"] == [0.1, 1.0] and multi["final"]["personal"] is None

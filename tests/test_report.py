@@ -6,18 +6,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from app.launch import flower_env
 from app.report import collect, main, statistics, summary_table
 from app.simulate import sweep_size
 from app.summary import roles
+from tests.test_end_to_end import _simulate
 
 
 def _results(cfg: dict, rounds: int, final: dict) -> dict:
@@ -244,14 +242,7 @@ def test_a_real_sweep_with_a_failing_job_then_report_and_notebook(tmp_path: Path
         "aggregator=mean,bulyan",
         f"hydra.sweep.dir={sweep}",
     ]  # bulyan needs 4f + 3 = 7 sampled updates: fails
-    proc = subprocess.run(
-        [sys.executable, "-m", "app.simulate", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=flower_env(tmp_path / ".flwr"),
-    )
+    proc = _simulate(args, tmp_path)  # python -m app.simulate, as the end-to-end tests run it
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "[sweep] job 1/2" in log and "[sweep] job 2/2" in log and "round 2/2" in log
