@@ -13,6 +13,8 @@ Writes into DIR (default: the first SWEEP_DIR/report, or the --csv folder):
 - paired.csv: per setting, Ditto model and baseline, the paired difference Ditto − baseline per seed, its mean,
   t-interval, whether it excludes 0 and which way;
 - table.md: both tables in Markdown;
+- claims.csv, claims.md: the paper's claim setting by setting (app/claims.py): Ditto (λ auto, tuned λ) against the
+  most accurate and the fairest baseline, significant or not, or reversed; each dataset's budget and compute time;
 - scatter.png (benign accuracy vs std with intervals: fair methods are not robust, robust ones are not fair, Ditto
   is both), lambda.png (accuracy and std vs λ with bands), corruption.png (accuracy and std vs corruption level per
   attack, with bands), per_device.png (per-device accuracy distributions, global vs personal).
@@ -30,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from app import figures
+from app import claims, figures
 from app.config import dotted
 from app.metrics import SUMMARY_KEYS
 from app.results import LAM_TAG
@@ -39,6 +41,7 @@ from app.summary import METRICS as CI_METRICS
 
 FACETS = ["attack.name", "attack.fraction"]
 GROUPS = ("dataset", "attack", "aggregator", "method")
+STATISTICS = "summary.csv, paired.csv, table.md, claims.csv, claims.md"  # what regenerate writes besides figures
 FIGURES = ("scatter.png", "lambda.png", "corruption.png", "per_device.png")
 
 
@@ -120,6 +123,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                     **config,
                     **({"method.lam": float(lam)} if lam else {}),
                     "rounds_done": done,
+                    "seconds": r["rounds"][-1].get("seconds") if done else None,  # server start to the last round
                     **{m: final.get(m) for m in SUMMARY_KEYS},
                 }
                 row["label"] = label(row)
@@ -244,6 +248,9 @@ def regenerate(csv_dir: Path, out_dir: Path | None = None) -> tuple[pd.DataFrame
     (out_dir / "table.md").write_text(markdown(setting, summary, pairs))
     summary.to_csv(out_dir / "summary.csv", index=False)
     pairs.to_csv(out_dir / "paired.csv", index=False)
+    claim_rows = claims.claims(summary, pairs, setting)
+    claim_rows.to_csv(out_dir / "claims.csv", index=False)
+    (out_dir / "claims.md").write_text(claims.markdown(claim_rows, runs, setting))
     figures.plot_scatter(summary, setting, out_dir / "scatter.png")
     figures.plot_lambda(summary, setting, out_dir / "lambda.png")
     figures.plot_corruption(summary, setting, out_dir / "corruption.png")
@@ -281,7 +288,7 @@ def main(argv: list[str]) -> int:
         parser.error("give one or more SWEEP_DIRs, or --csv DIR (not both)")
     if args.csv is not None:
         regenerate(args.csv, args.out)
-        print(f"wrote summary.csv, paired.csv, table.md and {len(FIGURES)} plots to {args.out or args.csv}")
+        print(f"wrote {STATISTICS} and {len(FIGURES)} plots to {args.out or args.csv}")
         return 0
     out = args.out or args.sweep_dirs[0] / "report"
     runs, _ = report(args.sweep_dirs, out)
@@ -294,7 +301,7 @@ def main(argv: list[str]) -> int:
     for _, row in bad.iterrows():
         print(f"  {row['status']}: {row['run']}: {row['error']}")
     print((out / "table.md").read_text(), end="")
-    print(f"wrote runs.csv, devices.csv, summary.csv, paired.csv, table.md and {len(FIGURES)} plots to {out}")
+    print(f"wrote runs.csv, devices.csv, {STATISTICS} and {len(FIGURES)} plots to {out}")
     return 0
 
 

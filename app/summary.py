@@ -27,6 +27,7 @@ NOT_SETTING = {
     "kind",
     "label",
     "rounds_done",
+    "seconds",
     "seed",
     "lam_value",
     "benign_mean_acc",
