@@ -105,15 +105,17 @@ def _budget(runs: pd.DataFrame) -> str:
         values = sorted(per_run[key].dropna().unique().tolist()) if key in per_run else []
         if values:
             parts.append(f"{name} {'/'.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}")
-    seeds = sorted(pd.to_numeric(per_run["seed"], errors="coerce").dropna().astype(int).unique().tolist())
-    status = per_run["status"].value_counts()
-    hours = pd.to_numeric(per_run.get("seconds"), errors="coerce").sum() / 3600 if "seconds" in per_run else 0.0
+    seed = per_run["seed"] if "seed" in per_run else pd.Series(dtype=float)
+    seeds = sorted(pd.to_numeric(seed, errors="coerce").dropna().astype(int).unique().tolist())
+    status = per_run["status"].value_counts() if "status" in per_run else pd.Series(dtype=int)
+    ok = per_run[per_run["status"] == "ok"] if "status" in per_run else per_run
+    hours = pd.to_numeric(ok["seconds"], errors="coerce").sum() / 3600 if "seconds" in ok else 0.0
     text = (
         f"Budget: {', '.join(parts)}; seeds {', '.join(map(str, seeds))}. Jobs: {status.get('ok', 0)} finished, "
         f"{status.get('failed', 0)} failed, {status.get('incomplete', 0)} incomplete; "
         f"{hours:.1f} h of run time (server start to the last round, summed over finished jobs)."
     )
-    failed = per_run[per_run["status"] != "ok"]
+    failed = per_run[per_run["status"] != "ok"] if "status" in per_run else per_run.iloc[:0]
     if not failed.empty:
         reasons = failed["error"].fillna("").map(_reason).value_counts()
         text += " Not finished: " + "; ".join(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from app.claims import _budget, claims, outcome
+from app.claims import _budget, claims, markdown, outcome
 from app.report import main
 from tests.test_report import _seeded_sweep
 
@@ -123,3 +123,21 @@ def test_report_writes_the_claims_and_regenerates_them_from_the_csvs(tmp_path: P
     text = (tmp_path / "collected" / "claims.md").read_text()
     assert "Jobs: 6 finished, 0 failed, 0 incomplete; 0.1 h of run time" in text  # 6 x 36 s
     assert "- Ditto tuned λ, 1 attacked setting: 0 holds, 0 partly, 1 n.s., 0 reverses." in text
+
+
+def test_one_setting_without_setting_columns() -> None:
+    summary = pd.DataFrame(
+        [
+            {"label": "global (median)", "benign_acc": 0.9, "benign_std_acc": 0.2},
+            {"label": "qffl (mean)", "benign_acc": 0.6, "benign_std_acc": 0.05},
+        ]
+    )
+    pairs = pd.DataFrame(
+        [
+            {k: v for k, v in _pair("ditto λ=auto (mean)", base, 0.1, "better", -0.1, "better").items() if k not in KEY}
+            for base in ("global (median)", "qffl (mean)")
+        ]
+    )
+    rows = claims(summary, pairs, [])
+    assert rows["outcome"].tolist() == ["holds"] and rows["std_baseline"].tolist() == ["qffl (mean)"]
+    assert "| ditto λ=auto (mean) | 5 | global (median) |" in markdown(rows, pd.DataFrame({"run": []}), [])
