@@ -60,9 +60,10 @@ def claims(summary: pd.DataFrame, pairs: pd.DataFrame, setting: list[str]) -> pd
     for key, group in pairs.groupby(setting, dropna=False, sort=True) if setting else [((), pairs)]:
         key = key if isinstance(key, tuple) else (key,)
         baselines = group["baseline"].unique()
-        stats = means.loc[[(*key, b) if setting else b for b in baselines]]
-        accurate = baselines[int(stats[ACC].to_numpy().argmax())]
-        fairest = baselines[int(stats[STD].to_numpy().argmin())]
+        stats = means.loc[[(*key, b) if setting else b for b in baselines]].set_axis(baselines)
+        if stats[ACC].isna().all() or stats[STD].isna().all():
+            continue  # no baseline has a mean: nothing to compare with
+        accurate, fairest = stats[ACC].idxmax(), stats[STD].idxmin()  # NaN means skipped
         for ditto in (d for d in group["ditto"].unique() if _is_claim_model(d)):
             mine = group[group["ditto"] == ditto].set_index("baseline")
             a, s = mine.loc[accurate], mine.loc[fairest]
@@ -88,6 +89,8 @@ def claims(summary: pd.DataFrame, pairs: pd.DataFrame, setting: list[str]) -> pd
 
 
 def _interval(mean: float, lo: float, hi: float) -> str:
+    if pd.isna(mean):
+        return "n/a (no common seed)"
     return f"{mean:+.3f}" + ("" if pd.isna(lo) else f" [{lo:+.3f}, {hi:+.3f}]")
 
 
@@ -117,7 +120,8 @@ def _budget(runs: pd.DataFrame) -> str:
     )
     failed = per_run[per_run["status"] != "ok"] if "status" in per_run else per_run.iloc[:0]
     if not failed.empty:
-        reasons = failed["error"].fillna("").map(_reason).value_counts()
+        errors = failed["error"] if "error" in failed else pd.Series("", index=failed.index)
+        reasons = errors.fillna("").map(_reason).value_counts()
         text += " Not finished: " + "; ".join(
             f"{n} × {reason or 'no reason recorded'}" for reason, n in reasons.items()
         )
@@ -125,26 +129,35 @@ def _budget(runs: pd.DataFrame) -> str:
     return text
 
 
+def _attacked(rows: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
+    """Per claim row, whether its setting is under attack; where every run has the same attack, attack.name is not
+    a setting column and the runs say it."""
+    if "attack.name" in rows:
+        return rows["attack.name"] != CLEAN
+    names = runs["attack.name"].dropna().unique() if "attack.name" in runs else []
+    return pd.Series(not (len(names) == 1 and names[0] == CLEAN), index=rows.index)
+
+
 def markdown(claim_rows: pd.DataFrame, runs: pd.DataFrame, setting: list[str]) -> str:
-    """claims.md: per dataset its budget, a count of outcomes and the table of settings."""
-    if claim_rows.empty:
-        return "# The paper's claim, setting by setting\n\n(no Ditto run with a baseline)\n"
+    """claims.md: per dataset of the runs its budget, a count of outcomes and the table of settings."""
     text = ["# The paper's claim, setting by setting\n", RULES, ""]
     columns = [c for c in setting if c != "dataset.name"]
-    datasets = claim_rows["dataset.name"].unique() if "dataset.name" in claim_rows else [None]
+    attacked = _attacked(claim_rows, runs) if not claim_rows.empty else pd.Series(dtype=bool)
+    by_dataset = "dataset.name" in runs and "dataset.name" in claim_rows
+    datasets = runs["dataset.name"].dropna().unique() if "dataset.name" in runs else [None]
     for dataset in datasets:
-        rows = claim_rows if dataset is None else claim_rows[claim_rows["dataset.name"] == dataset]
         mine = runs if dataset is None else runs[runs["dataset.name"] == dataset]
         text += [f"## {dataset or 'all runs'}\n", _budget(mine), ""]
+        rows = claim_rows[claim_rows["dataset.name"] == dataset] if by_dataset else claim_rows
+        if rows.empty:
+            text += ["(no Ditto run at λ = auto or with a λ grid that has a baseline in the same setting)", ""]
+            continue
         for model, kind in ((lambda d: "λ=auto" in d, "λ = auto"), (lambda d: d.startswith(TUNED), "tuned λ")):
-            picked = rows[rows["ditto"].map(model)]
-            attacked = (
-                picked[picked.get("attack.name", pd.Series(dtype=str)) != CLEAN] if "attack.name" in picked else picked
-            )
-            counts = attacked["outcome"].value_counts()
-            if len(attacked):
+            picked = rows[rows["ditto"].map(model) & attacked[rows.index]]
+            if len(picked):
+                counts = picked["outcome"].value_counts()
                 text.append(
-                    f"- Ditto {kind}, {len(attacked)} attacked setting{'s' * (len(attacked) != 1)}: "
+                    f"- Ditto {kind}, {len(picked)} attacked setting{'s' * (len(picked) != 1)}: "
                     + ", ".join(f"{counts.get(o, 0)} {o}" for o in OUTCOMES)
                     + "."
                 )
@@ -161,9 +174,8 @@ def markdown(claim_rows: pd.DataFrame, runs: pd.DataFrame, setting: list[str]) -
             "the paper",
         ]
         text += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for _, r in rows.iterrows():
-            clean = r.get("attack.name") == CLEAN
-            paper = "as accurate and fair (clean data)" if clean else "more accurate and fairer"
+        for index, r in rows.iterrows():
+            paper = "more accurate and fairer" if attacked[index] else "as accurate and fair (clean data)"
             cells = [
                 *(str(r[c]) for c in columns),
                 r["ditto"],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,15 @@ def label(row: dict[str, Any]) -> str:
     return f"{method}:global ({aggregator})"  # the global model trained alongside a personalization method
 
 
+def run_seconds(rounds: list[dict[str, Any]]) -> float | None:
+    """A run's time from its rounds' `seconds` (since the server's start): the last one of each sitting summed, a
+    sitting ending where the clock starts again (a run resumed from its checkpoint keeps the earlier rounds)."""
+    times = [r["seconds"] for r in rounds if r.get("seconds") is not None]
+    if not times:
+        return None
+    return sum(t for t, after in zip(times, [*times[1:], -math.inf]) if after < t)
+
+
 def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, devices) of every job under `sweep_dir`, including failed and incomplete ones."""
     runs, devices = [], []
@@ -123,7 +133,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                     **config,
                     **({"method.lam": float(lam)} if lam else {}),
                     "rounds_done": done,
-                    "seconds": r["rounds"][-1].get("seconds") if done else None,  # server start to the last round
+                    "seconds": run_seconds(r.get("rounds", [])),
                     **{m: final.get(m) for m in SUMMARY_KEYS},
                 }
                 row["label"] = label(row)

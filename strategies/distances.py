@@ -160,7 +160,8 @@ def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.T
             gram += (rest @ rest.T).double()
     if not bool(torch.isfinite(gram).all()):
         return None
-    sums = -(-d // _CHUNK) + 4  # float64 additions of the chunks' products, and D~'s 3
+    # float64 additions of the chunks' products (each block is cut into chunks of its own), and D~'s 3
+    sums = sum(-(-min(_BLOCK, d - start) // _CHUNK) for start in range(0, d, _BLOCK)) + 4
     gamma = _CHUNK * _U32 / (1 - _CHUNK * _U32) + sums * _U64 / (1 - sums * _U64)
     return gram, gram.diagonal().clone(), gamma
 
@@ -177,7 +178,7 @@ def _float64_gram(
     for start in range(0, d, _BLOCK):
         block = _centred(x, start, benign, torch.float64, buffer)
         gram.addmm_(block if rows is None else block[rows], block.T)
-        if sq is not None:  # |y|^2 as a norm squared: two more roundings than a sum of squares (gamma's + 4)
+        if sq is not None:  # |y|^2 as a norm squared: a sqrt and a square more than a sum of squares (+ 4)
             sq += torch.linalg.vector_norm(block, dim=1).square_()
     gamma = (d + 8) * _U64 / (1 - (d + 8) * _U64)  # float64 products and sums of d terms in any order, D~, the norm
     return gram, gram.diagonal().clone() if rows is None else sq, gamma

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from app.claims import _budget, claims, markdown, outcome
-from app.report import main
+from app.report import main, run_seconds
 from tests.test_report import _seeded_sweep
 
 SETTING = ["dataset.name", "attack.name", "attack.fraction"]
@@ -141,3 +141,45 @@ def test_one_setting_without_setting_columns() -> None:
     rows = claims(summary, pairs, [])
     assert rows["outcome"].tolist() == ["holds"] and rows["std_baseline"].tolist() == ["qffl (mean)"]
     assert "| ditto λ=auto (mean) | 5 | global (median) |" in markdown(rows, pd.DataFrame({"run": []}), [])
+
+
+def test_a_baseline_without_a_mean_is_never_the_strongest() -> None:
+    summary = pd.DataFrame(
+        [
+            {**KEY, "label": "global (median)", "benign_acc": 0.7, "benign_std_acc": 0.2},
+            {**KEY, "label": "global (krum)", "benign_acc": float("nan"), "benign_std_acc": float("nan")},
+        ]
+    )
+    pairs = pd.DataFrame(
+        [
+            _pair("ditto λ=auto (mean)", "global (median)", 0.1, "better", -0.1, "better"),
+            _pair("ditto λ=auto (mean)", "global (krum)", float("nan"), "n.s.", float("nan"), "n.s."),
+        ]
+    )
+    rows = claims(summary, pairs, SETTING)
+    assert rows["acc_baseline"].tolist() == ["global (median)"] and rows["std_baseline"].tolist() == ["global (median)"]
+
+
+def test_clean_data_named_by_the_runs_when_the_attack_is_not_a_setting_column() -> None:
+    summary = pd.DataFrame([{"label": "global (median)", "benign_acc": 0.9, "benign_std_acc": 0.2}])
+    pair = _pair("ditto λ=auto (mean)", "global (median)", 0.0, "n.s.", 0.0, "n.s.")
+    pairs = pd.DataFrame([{k: v for k, v in pair.items() if k not in KEY}])
+    runs = pd.DataFrame(
+        [
+            {"run": "0", "status": "ok", "dataset.name": "digits", "attack.name": "none", "seed": 0},
+            {"run": "1", "status": "failed", "dataset.name": "vehicle", "attack.name": "none", "seed": 0},
+        ]
+    )
+    text = markdown(claims(summary, pairs, []), runs, [])
+    assert "| n.s. | as accurate and fair (clean data) |" in text
+    assert "attacked setting" not in text  # clean settings are not counted as attacked
+    # a dataset whose runs gave no claim row still shows its budget and failures
+    assert "## vehicle" in text and "0 finished, 1 failed" in text
+
+
+def test_run_time_adds_the_sittings_of_a_resumed_run() -> None:
+    # rounds 1-2 in a first sitting (up to 40 s), resumed: rounds 3-4 in a second (up to 25 s on a new clock)
+    rounds = [{"round": 1, "seconds": 20.0}, {"round": 2, "seconds": 40.0}, {"round": 3, "seconds": 12.0}]
+    assert run_seconds([*rounds, {"round": 4, "seconds": 25.0}]) == 65.0
+    assert run_seconds([{"round": 1, "seconds": 3.0}, {"round": 2, "seconds": 7.5}]) == 7.5
+    assert run_seconds([]) is None
