@@ -8,7 +8,6 @@ devices apply the configured attack."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,33 +28,9 @@ from app.models import build_model, get_weights, objective, set_weights
 from app.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
 from app.rogue import rogue_client
 
-# lam auto (the paper): the grid and the fixed lam for devices with too little validation data, by attack strength
-LAM_GRID = {True: (0.05, 0.1, 0.2), False: (0.1, 1.0, 2.0)}
-LAM_FIXED = {True: 0.1, False: 1.0}
-
-
-Lam = "float | ditto.LamSearch | tuple[float, ...]"  # fixed, auto, or a lam list (one personal model per lam)
-DeviceTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Lam]
+DeviceTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ditto.Lam]
 _PLACED: OrderedDict[tuple[DictConfig, int, str], DeviceTensors] = OrderedDict()
 PLACED_DEVICES = 256  # devices whose tensors one process keeps on its compute device (least recently used out)
-
-
-def _hold_out_validation(cfg: DictConfig, partition_id: int, x: torch.Tensor, y: torch.Tensor):
-    """lam auto: (x_train, y_train, lam) with the validation split of the training data (all but the first
-    ditto.trained_count samples) taken before any label corruption, as the official client: the last samples
-    (`method.val_split=last`, official) or a seeded random subset (`random`). Devices with too little data keep all
-    of it and the fixed lam."""
-    strong = bool(cfg.method.strong_attack)
-    n_train = ditto.trained_count(len(y), cfg.method)
-    if n_train == len(y):
-        return x, y, LAM_FIXED[strong]
-    if cfg.method.val_split == "last":
-        order = torch.arange(len(y))
-    else:
-        split = ditto.round_generator(cfg.seed, partition_id, 0, ditto.Stream.VALIDATION_SPLIT)
-        order = torch.randperm(len(y), generator=split)
-    train, val = order[:n_train], order[n_train:]
-    return x[train], y[train], ditto.LamSearch(LAM_GRID[strong], x[val], y[val])
 
 
 def _prepared_data(cfg: DictConfig, partition_id: int) -> DeviceTensors:
@@ -63,13 +38,7 @@ def _prepared_data(cfg: DictConfig, partition_id: int) -> DeviceTensors:
     of a malicious device, fixed for the run), on the CPU."""
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
     data = federation.devices[partition_id]
-    lam = cfg.method.get("lam", 0.0)
-    if lam == "auto":
-        x_train, y_train, lam = _hold_out_validation(cfg, partition_id, data.x_train, data.y_train)
-    elif isinstance(lam, Sequence):  # a lam list: one personal model per lam (ditto.multi_lam_round)
-        x_train, y_train, lam = data.x_train, data.y_train, tuple(float(v) for v in lam)
-    else:
-        x_train, y_train, lam = data.x_train, data.y_train, float(lam)
+    x_train, y_train, lam = ditto.device_lam(cfg, partition_id, data.x_train, data.y_train)
     if partition_id in attackers(cfg) and corrupts_labels(cfg.attack):
         y_train = run_poisoned_labels(y_train, federation.num_classes, cfg.seed, partition_id)
     return x_train, y_train, data.x_test, data.y_test, lam

@@ -120,6 +120,38 @@ class LamSearch:
     y_val: torch.Tensor
 
 
+# lam auto (the paper): the grid and the fixed lam for devices with too little validation data, by attack strength
+LAM_GRID = {True: (0.05, 0.1, 0.2), False: (0.1, 1.0, 2.0)}
+LAM_FIXED = {True: 0.1, False: 1.0}
+Lam = "float | LamSearch | tuple[float, ...]"  # fixed, auto, or a lam list (one personal model per lam)
+
+
+def device_lam(
+    cfg: Mapping[str, Any], partition_id: int, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Lam]:
+    """(x_train, y_train, lam) of device `partition_id` from its training data (x, y) and `method.lam`: a fixed
+    lam, a lam list (a tuple: one personal model per lam, multi_lam_round), or auto: the validation split (all but
+    the first trained_count samples) is taken before any label corruption, as the official client, either the
+    last samples (`method.val_split=last`, official) or a seeded random subset (`random`); devices with too little
+    data keep all of it and the fixed lam."""
+    lam = cfg["method"].get("lam", 0.0)
+    if isinstance(lam, Sequence) and not isinstance(lam, str):
+        return x, y, tuple(float(v) for v in lam)
+    if lam != "auto":
+        return x, y, float(lam)
+    strong = bool(cfg["method"]["strong_attack"])
+    n_train = trained_count(len(y), cfg["method"])
+    if n_train == len(y):
+        return x, y, LAM_FIXED[strong]
+    if cfg["method"]["val_split"] == "last":
+        order = torch.arange(len(y))
+    else:
+        split = round_generator(int(cfg["seed"]), partition_id, 0, Stream.VALIDATION_SPLIT)
+        order = torch.randperm(len(y), generator=split)
+    train, val = order[:n_train], order[n_train:]
+    return x[train], y[train], LamSearch(LAM_GRID[strong], x[val], y[val])
+
+
 def auto_lam_step(
     model: nn.Module,
     x: torch.Tensor,

@@ -11,8 +11,9 @@ from flwr.app import RecordDict
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from app import ditto
-from app.client_app import LAM_FIXED, LAM_GRID, DittoClient
+from app.client_app import DittoClient
 from app.config import compose_config
+from app.ditto import LAM_FIXED, LAM_GRID
 from app.methods import METHODS
 from app.methods.apfl import apfl_round, mix_into
 from app.models import get_weights
