@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from functools import lru_cache
 from numbers import Real
 from pathlib import Path
@@ -47,6 +47,13 @@ def dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def differing_keys(saved: Mapping[str, Any], current: Mapping[str, Any], may_change: Set[str]) -> list[str]:
+    """The dotted keys whose values differ between two configs, except those under a top-level key of
+    `may_change`; a key missing on one side counts as null there (a record written before the key existed)."""
+    a, b = dotted(saved), dotted(current)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k.split(".")[0] not in may_change)
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

@@ -17,7 +17,7 @@ from flwr.server.server import fit_clients
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from app.attacks import aggregator_f, attackers, threat_model
-from app.config import EXECUTION_KEYS, check_flwr_run, config_from_overrides, dotted
+from app.config import EXECUTION_KEYS, check_flwr_run, config_from_overrides, differing_keys, dotted
 from app.data import load_federation
 from app.device import resolve_device, set_deterministic
 from app.ditto import trained_count
@@ -123,9 +123,9 @@ RESUME_MAY_CHANGE = (EXECUTION_KEYS - {"personal_state", "state_dir"}) | {"num_r
 def check_resumable(saved: dict, current: dict) -> None:
     """Raise ValueError naming the keys whose values differ between the checkpoint's config and this one (only
     RESUME_MAY_CHANGE may)."""
-    a, b = dotted(saved), dotted(current)
-    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_MAY_CHANGE)
+    differ = differing_keys(saved, current, RESUME_MAY_CHANGE)
     if differ:
+        a, b = dotted(saved), dotted(current)
         raise ValueError(
             "resume=true with a config that differs from the checkpoint's in: "
             + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ)

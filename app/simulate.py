@@ -30,7 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from app.client_app import make_client_fn
-from app.config import EXECUTION_KEYS, validate
+from app.config import EXECUTION_KEYS, differing_keys, validate
 from app.data import load_federation
 from app.engine import tuned_engine
 from app.progress import show_flower
@@ -79,9 +79,8 @@ def finished(out_dir: Path, cfg: DictConfig) -> dict | None:
     if not results.exists():
         return None
     record = json.loads(results.read_text())
-    same = {k: v for k, v in record["config"].items() if k not in EXECUTION_KEYS}
-    wanted = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in EXECUTION_KEYS}
-    return record["final"] if same == wanted else None
+    current = OmegaConf.to_container(cfg, resolve=True)
+    return None if differing_keys(record["config"], current, EXECUTION_KEYS) else record["final"]
 
 
 def clear_attempt(out_dir: Path) -> None:

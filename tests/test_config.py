@@ -113,3 +113,10 @@ def test_skip_done_reuses_a_finished_run_of_the_same_config_only(tmp_path: Path)
     assert finished(tmp_path, cfg) == {"x": 1}  # how it was executed does not matter
     assert finished(tmp_path, compose_config(["skip_done=true", "seed=1"])) is None  # what it computes does
     assert finished(tmp_path, compose_config(["skip_done=true", "method.lam=0.5"])) is None
+    # a key that one side lacks counts as null there: a record from before a key existed, or after one was dropped
+    record["config"]["another_key"] = None
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    assert finished(tmp_path, cfg) == {"x": 1}
+    record["config"]["another_key"] = 3
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    assert finished(tmp_path, cfg) is None
