@@ -100,7 +100,7 @@ def _reason(error: str) -> str:
     return text[: text.index(")") + 1] if ")" in text else text[:120]
 
 
-def _budget(runs: pd.DataFrame) -> str:
+def budget(runs: pd.DataFrame) -> str:
     """One dataset's budget, jobs and compute time, from its rows of runs.csv."""
     per_run = runs.drop_duplicates("run")
     parts = []
@@ -147,7 +147,7 @@ def markdown(claim_rows: pd.DataFrame, runs: pd.DataFrame, setting: list[str]) -
     datasets = runs["dataset.name"].dropna().unique() if "dataset.name" in runs else [None]
     for dataset in datasets:
         mine = runs if dataset is None else runs[runs["dataset.name"] == dataset]
-        text += [f"## {dataset or 'all runs'}\n", _budget(mine), ""]
+        text += [f"## {dataset or 'all runs'}\n", budget(mine), ""]
         rows = claim_rows[claim_rows["dataset.name"] == dataset] if by_dataset else claim_rows
         if rows.empty:
             text += ["(no Ditto run at λ = auto or with a λ grid that has a baseline in the same setting)", ""]

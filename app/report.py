@@ -228,21 +228,30 @@ def statistics(runs: pd.DataFrame) -> tuple[list[str], pd.DataFrame, pd.DataFram
     return setting, summarize(table, setting), paired(table, setting)
 
 
-def markdown(setting: list[str], summary: pd.DataFrame, pairs: pd.DataFrame) -> str:
-    """table.md: the interval table and the paired-difference table."""
+def markdown(setting: list[str], summary: pd.DataFrame, pairs: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
+    """table.md: per dataset (with `runs`: its budget, jobs and run time first) the interval table and the
+    paired-difference table."""
     if summary.empty:
         return "(no completed runs)\n"
-    text = (
-        "## Mean over seeds [95 % t-interval over seeds]\n\n"
-        + interval_table(summary, setting)
-        + "\n## Paired difference Ditto − baseline, same seeds [95 % t-interval over seeds]\n\n"
-    )
-    return text + (paired_table(pairs, setting, summary) if not pairs.empty else "(no Ditto run with a baseline)\n")
+    datasets = summary["dataset.name"].unique() if "dataset.name" in summary else [None]
+    text = ""
+    for dataset in datasets:
+        mine = summary if dataset is None else summary[summary["dataset.name"] == dataset]
+        its_pairs = pairs if dataset is None or pairs.empty else pairs[pairs["dataset.name"] == dataset]
+        if dataset is not None:
+            text += f"# {dataset}\n\n"
+        if runs is not None:
+            text += claims.budget(runs if dataset is None else runs[runs["dataset.name"] == dataset]) + "\n\n"
+        text += "## Mean over seeds [95 % t-interval over seeds]\n\n" + interval_table(mine, setting)
+        text += "\n## Paired difference Ditto − baseline, same seeds [95 % t-interval over seeds]\n\n"
+        text += paired_table(its_pairs, setting, mine) if not its_pairs.empty else "(no Ditto run with a baseline)\n"
+        text += "\n"
+    return text
 
 
 def summary_table(runs: pd.DataFrame) -> str:
     """table.md of `runs`."""
-    return markdown(*statistics(runs))
+    return markdown(*statistics(runs), runs)
 
 
 def regenerate(csv_dir: Path, out_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -255,7 +264,7 @@ def regenerate(csv_dir: Path, out_dir: Path | None = None) -> tuple[pd.DataFrame
             raise SystemExit(f"no {name} in {csv_dir}: give a folder written by python -m app.report SWEEP_DIR")
     runs, devices = pd.read_csv(csv_dir / "runs.csv"), pd.read_csv(csv_dir / "devices.csv")
     setting, summary, pairs = statistics(runs)
-    (out_dir / "table.md").write_text(markdown(setting, summary, pairs))
+    (out_dir / "table.md").write_text(markdown(setting, summary, pairs, runs))
     summary.to_csv(out_dir / "summary.csv", index=False)
     pairs.to_csv(out_dir / "paired.csv", index=False)
     claim_rows = claims.claims(summary, pairs, setting)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from app.claims import _budget, claims, markdown, outcome
+from app.claims import budget, claims, markdown, outcome
 from app.report import main, run_seconds
 from tests.test_report import _seeded_sweep
 
@@ -99,7 +99,7 @@ def test_budget_line_counts_jobs_compute_time_and_failures() -> None:
             ),
         ]
     )
-    text = _budget(runs)
+    text = budget(runs)
     assert "rounds 100;" in text and "seeds 0, 1." in text
     assert "2 finished, 2 failed, 0 incomplete; 2.0 h of run time" in text  # each run's time counted once
     assert "2 × krum needs n >= f + 3 (got n=5 updates, f=4)" in text
@@ -123,6 +123,8 @@ def test_report_writes_the_claims_and_regenerates_them_from_the_csvs(tmp_path: P
     text = (tmp_path / "collected" / "claims.md").read_text()
     assert "Jobs: 6 finished, 0 failed, 0 incomplete; 0.1 h of run time" in text  # 6 x 36 s
     assert "- Ditto tuned λ, 1 attacked setting: 0 holds, 0 partly, 1 n.s., 0 reverses." in text
+    table = (tmp_path / "collected" / "table.md").read_text()  # the budget beside the tables too
+    assert table.startswith("# digits\n\nBudget: rounds 4;") and "Jobs: 6 finished" in table
 
 
 def test_one_setting_without_setting_columns() -> None:
