@@ -1,6 +1,7 @@
 """What a run shows on the console: Flower's own messages from warning level only (all of them with `verbose=true`;
 Hydra's job log keeps every log record either way) and one progress line per run: rounds done, elapsed time, ETA and the
-last evaluation's benign accuracy per model. On a terminal the line is rewritten in place; elsewhere (CI, Hydra
+last evaluation's benign accuracy per model. On a terminal the line is rewritten in place (a message of Flower's
+erases it first, and the next round draws it again below the message); elsewhere (CI, Hydra
 sweep logs, `flwr run`'s stream) and with `verbose=true` it is printed as a plain line after the first round, at
 most every PLAIN_EVERY seconds, and after the last round."""
 
@@ -46,6 +47,18 @@ class Progress:
         self.start = time.perf_counter()
         self.printed: float | None = None  # when the last plain line was printed
         self.open = False  # an in-place line is on the terminal, not yet ended
+        self._consoles = [h for h in FLOWER_LOGGER.handlers if isinstance(h, ConsoleHandler)] if in_place else []
+        for handler in self._consoles:  # a message clears the line first; the next round draws it again
+            handler.addFilter(self._clear_for_message)
+
+    def _clear_for_message(self, record: logging.LogRecord) -> bool:
+        """Filter of Flower's console handlers (it sees only the records they print): erase an open in-place line so
+        that the message starts at the left margin instead of at its end."""
+        if self.open:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.open = False
+        return True
 
     def update(self, done: int, final: dict[str, Any]) -> None:
         """Round `done` is over; `final` is the last evaluation's summary per model kind."""
@@ -64,6 +77,9 @@ class Progress:
 
     def close(self) -> None:
         """End the in-place line (the run is over, or failed: what follows starts on a line of its own)."""
+        for handler in self._consoles:
+            handler.removeFilter(self._clear_for_message)
+        self._consoles = []
         if self.open:
             self.stream.write("\n")
             self.stream.flush()

@@ -8,11 +8,13 @@ import hashlib
 import inspect
 import io
 import textwrap
+from logging import DEBUG, WARNING
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import FLOWER_LOGGER, ConsoleHandler, log
 from flwr.server import Server, SimpleClientManager
 from omegaconf import OmegaConf
 
@@ -125,3 +127,17 @@ def test_progress_rewrites_one_line_on_a_terminal_and_prints_plain_lines_elsewhe
     lines = log.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("round 11/40  0:00 elapsed  ETA ") and "\r" not in log.getvalue()
     assert lines[1].startswith("round 40/40") and "ETA 0:00  global 0.500  personal 0.750" in lines[1]
+
+
+def test_a_flower_message_starts_on_a_clean_line_not_after_the_in_place_progress() -> None:
+    tty = io.StringIO()
+    console = next(h for h in FLOWER_LOGGER.handlers if isinstance(h, ConsoleHandler))
+    live = Progress(1, 3, in_place=True, stream=tty)
+    live.update(1, {})
+    log(WARNING, "a node was slow")  # Flower's console handler prints it: the progress line is erased first
+    assert tty.getvalue().endswith("\x1b[K\r\x1b[K") and not live.open
+    live.update(2, {})
+    log(DEBUG, "below the console's level")  # not printed: the line stays
+    assert live.open and tty.getvalue().count("\r") == 3
+    live.close()
+    assert live._clear_for_message not in console.filters  # the run's filter is gone with its line
