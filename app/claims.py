@@ -10,6 +10,7 @@ import re
 
 import pandas as pd
 
+from app import figures
 from app.summary import TUNED
 
 ACC, STD = "benign_acc", "benign_std_acc"
@@ -141,7 +142,8 @@ def _attacked(rows: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
 def markdown(claim_rows: pd.DataFrame, runs: pd.DataFrame, setting: list[str]) -> str:
     """claims.md: per dataset of the runs its budget, a count of outcomes and the table of settings."""
     text = ["# The paper's claim, setting by setting\n", RULES, ""]
-    columns = [c for c in setting if c != "dataset.name"]
+    # the setting columns that vary within a dataset (as table.md): a dataset's own budget keys are in its budget line
+    columns = [c for c in figures.panel_columns(claim_rows, setting) if c != "dataset.name"]
     attacked = _attacked(claim_rows, runs) if not claim_rows.empty else pd.Series(dtype=bool)
     by_dataset = "dataset.name" in runs and "dataset.name" in claim_rows
     datasets = runs["dataset.name"].dropna().unique() if "dataset.name" in runs else [None]

@@ -185,3 +185,16 @@ def test_run_time_adds_the_sittings_of_a_resumed_run() -> None:
     assert run_seconds([*rounds, {"round": 4, "seconds": 25.0}]) == 65.0
     assert run_seconds([{"round": 1, "seconds": 3.0}, {"round": 2, "seconds": 7.5}]) == 7.5
     assert run_seconds([]) is None
+
+
+def test_the_committed_results_page_is_what_its_committed_csvs_give(tmp_path: Path) -> None:
+    results = Path(__file__).parent.parent / "docs" / "results"
+    if not (results / "runs.csv").exists():
+        pytest.skip("no collected CSVs under docs/results")
+    for name in ("runs.csv", "devices.csv"):
+        (tmp_path / name).write_bytes((results / name).read_bytes())
+    assert main(["--csv", str(tmp_path)]) == 0
+    for name in ("claims.md", "claims.csv", "table.md", "summary.csv", "paired.csv"):
+        assert (tmp_path / name).read_text() == (results / name).read_text(), (
+            f"docs/results/{name} is stale: run python -m app.report --csv docs/results"
+        )
