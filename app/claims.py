@@ -11,7 +11,7 @@ import re
 import pandas as pd
 
 from app import figures
-from app.summary import TUNED
+from app.summary import TUNED, _groups
 
 ACC, STD = "benign_acc", "benign_std_acc"
 OUTCOMES = ("holds", "partly", "n.s.", "reverses")
@@ -58,8 +58,7 @@ def claims(summary: pd.DataFrame, pairs: pd.DataFrame, setting: list[str]) -> pd
         return pd.DataFrame()
     rows = []
     means = summary.set_index([*setting, "label"]) if setting else summary.set_index("label")
-    for key, group in pairs.groupby(setting, dropna=False, sort=True) if setting else [((), pairs)]:
-        key = key if isinstance(key, tuple) else (key,)
+    for key, group in _groups(pairs, setting):
         baselines = group["baseline"].unique()
         stats = means.loc[[(*key, b) if setting else b for b in baselines]].set_axis(baselines)
         if stats[ACC].isna().all() or stats[STD].isna().all():
