@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from strategies import kernels
 from strategies.distances import bulyan_select, check_stack, krum_select
 
 _LOG = logging.getLogger(__name__)
@@ -100,21 +101,41 @@ def _trimmed_row_means(block: np.ndarray, k: int) -> np.ndarray:
     return block[:, k : n - k].mean(axis=1, dtype=np.float64)
 
 
+def _min_reach_windows(
+    ordered: np.ndarray, med: np.ndarray, beta: int, lo: int, hi: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(smallest reach, first and last window start of that reach) per row, over the windows starting in lo..hi."""
+    reach = np.maximum(
+        np.abs(ordered[:, lo : hi + 1] - med[:, None]), np.abs(ordered[:, lo + beta - 1 : hi + beta] - med[:, None])
+    )
+    return reach.min(axis=1), lo + reach.argmin(axis=1), hi - reach[:, ::-1].argmin(axis=1)
+
+
 def _row_means_closest_to_median(block: np.ndarray, beta: int) -> np.ndarray:
     """Per row, the mean of the `beta` values closest to the row's median, the first (in column order) on a tie.
 
     Distances to the median fall then rise along the sorted row, so the beta closest values are the window of the
     sorted row with the smallest reach (its farther end); one sort replaces a partition and a ranking of distances.
-    Where the first and the last window of that reach hold different values (m - r and m + r tie for the last
-    place), the row is ranked by a stable sort of its distances instead, as the definition asks. The mean sums the
-    window in sorted order, in float64 (exact for float32 values of similar magnitude, so the same as any order)."""
+    Reach never rises while a window moves towards the median positions and never falls once it has passed them,
+    so only the windows holding a median position (beta + 1 of the n - beta + 1) are searched; a row whose window
+    just outside them reaches as little (equal values) is searched in full. Where the first and the last window of
+    that reach hold different values (m - r and m + r tie for the last place), the row is ranked by a stable sort of
+    its distances instead, as the definition asks. The mean sums the window in sorted order, in float64 (exact for
+    float32 values of similar magnitude, so the same as any order)."""
     ordered = np.sort(block, axis=1)
     n = ordered.shape[1]
     k = n // 2
     med = ordered[:, k] if n % 2 else (ordered[:, k - 1] + ordered[:, k]) / 2
-    reach = np.maximum(np.abs(ordered[:, : n - beta + 1] - med[:, None]), np.abs(ordered[:, beta - 1 :] - med[:, None]))
-    first = reach.argmin(axis=1)
-    last = n - beta - reach[:, ::-1].argmin(axis=1)
+    last_start = n - beta
+    lo, hi = max(0, k - beta + n % 2), min(k, last_start)  # windows holding position k (odd n), k - 1 or k (even)
+    outer_lo, outer_hi = max(0, lo - 1), min(last_start, hi + 1)
+    best, first, last = _min_reach_windows(ordered, med, beta, lo, hi)
+    spill = np.zeros(len(ordered), dtype=bool)
+    for start in {outer_lo, outer_hi} - {lo, hi}:
+        spill |= _min_reach_windows(ordered, med, beta, start, start)[0] == best
+    spilled = np.nonzero(spill)[0]
+    if len(spilled):
+        _, first[spilled], last[spilled] = _min_reach_windows(ordered[spilled], med[spilled], beta, 0, last_start)
     rows = np.arange(len(ordered))
     window = np.take_along_axis(ordered, first[:, None] + np.arange(beta), axis=1)
     out = window.mean(axis=1, dtype=np.float64)
@@ -215,8 +236,30 @@ def bulyan(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0)
     if f == 0:
         return updates.mean(dim=0)  # theta = n: every update is selected, none is trimmed
     chosen = bulyan_select(updates, f, n - 2 * f)
-    beta = len(chosen) - 2 * f
-    return _by_column_blocks(updates, partial(_row_means_closest_to_median, beta=beta), rows=chosen)
+    return _bulyan_coordinates(updates, chosen, len(chosen) - 2 * f)
+
+
+def _bulyan_coordinates(x: torch.Tensor, chosen: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per coordinate, the mean of the `beta` values of x[chosen] closest to their median: the compiled sorting
+    network (`kernels.bulyan_coordinates`, a few times faster) where it is available, numpy's sort otherwise; the
+    columns where the kernel finds a tie at the window's far end go to the numpy path, which ranks them."""
+    a = x.detach().cpu().numpy()
+    if kernels.library() is None or not a.flags.c_contiguous:
+        return _by_column_blocks(x, partial(_row_means_closest_to_median, beta=beta), rows=chosen)
+    rows = chosen.cpu().numpy()
+    out = np.empty(a.shape[1], dtype=a.dtype)
+    width = max(4096, -(-a.shape[1] // 16))  # at least 16 ranges for the pool; the kernel streams each range
+
+    def work(start: int) -> None:
+        end = min(start + width, a.shape[1])
+        means, tied = kernels.bulyan_coordinates(a, rows, beta, start, end)
+        out[start:end] = means
+        cols = start + np.nonzero(tied)[0]
+        if len(cols):
+            out[cols] = _row_means_closest_to_median(np.array(a[np.ix_(rows, cols)].T, order="C"), beta)
+
+    list(_POOL.map(work, range(0, a.shape[1], width)))
+    return torch.from_numpy(out).to(x.device)
 
 
 def knorm(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
