@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+from strategies import kernels
 
 _CHUNK = 256  # float32 products are summed over at most this many terms before float64 takes over
 _BLOCK = 8192  # columns per block: its float64 copy (level 2) stays in the L3 cache; fewer, larger batched products
@@ -64,13 +67,13 @@ def check_stack(updates: torch.Tensor, num_malicious: int, rule: str) -> None:
         raise ValueError(f"{rule} needs f (num_malicious) to be an integer >= 0 (got {num_malicious!r})")
 
 
-def krum_scores(dist: torch.Tensor, num_malicious: int) -> torch.Tensor:
+def krum_scores(dist: np.ndarray, num_malicious: int) -> np.ndarray:
     """Krum score of each row of `dist` (rows x n, each row's own entry its smallest): the sum of squared distances
-    to its n - f - 2 nearest other rows."""
+    to its n - f - 2 nearest other rows, summed in sorted order (so equal neighbour sets give equal scores). numpy:
+    on the small matrices of the selection loop its sort is 2-3x faster than torch's topk, per call."""
     n = dist.shape[1]
     k = min(max(1, n - num_malicious - 2), n - 1)  # at least one neighbour, as Flower (matters inside Bulyan)
-    nearest = torch.topk(dist, k + 1, dim=1, largest=False).values  # sorted; includes the row itself
-    return nearest[:, 1:].sum(dim=1)
+    return np.sort(dist, axis=1)[:, 1 : k + 1].sum(axis=1)  # the row itself sorts first
 
 
 def direct_sq_distances(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,7 +103,9 @@ def _centre(x: torch.Tensor, num_malicious: int) -> torch.Tensor | None:
     sample = sample - sample.median(dim=0).values  # a heuristic: float64 Gram distances suffice
     gram = sample @ sample.T
     dist = (gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).fill_diagonal_(-math.inf)
-    benign = torch.argsort(krum_scores(dist, num_malicious), stable=True)[: max(1, min(8, n - 2 * num_malicious))]
+    scores = krum_scores(dist.cpu().numpy(), num_malicious)
+    benign = torch.from_numpy(np.argsort(scores, kind="stable")[: max(1, min(8, n - 2 * num_malicious))])
+    benign = benign.to(x.device)
     rows = sample[benign]
     return benign if float(((rows - rows.mean(dim=0)) ** 2).sum()) <= 0.5 * float((rows**2).sum()) else None
 
@@ -143,26 +148,33 @@ def _bounds(
 
 
 def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """(Gram matrix, squared norms, gamma) of fl(x - centre) from float32 products over chunks of `_CHUNK` columns
-    summed in float64, or None where the float32 route does not hold (reduced-precision matmul, an overflow)."""
-    if torch.get_float32_matmul_precision() != "highest":
-        return None  # products may be rounded to bfloat16: gamma_c would not hold
+    """(Gram matrix, squared norms, gamma) of fl(x - centre) from float32 products summed in float64 after a few
+    terms, or None where the float32 route does not hold (reduced-precision matmul, an overflow). The compiled
+    `kernels.gram_f32` sums 32 products per float32 lane (at 0.7x a float32 GEMM's time, bounds 8x tighter);
+    torch's batched GEMMs sum chunks of `_CHUNK` columns (about 1.2x)."""
     n, d = x.shape
-    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    for start in range(0, d, _BLOCK):
-        y = _centred(x, start, benign, torch.float32)
-        full = y.shape[1] // _CHUNK * _CHUNK
-        if full:
-            chunks = y[:, :full].view(n, -1, _CHUNK).transpose(0, 1)  # (chunks, n, c), no copy
-            gram += torch.bmm(chunks, chunks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
-        if full < y.shape[1]:
-            rest = y[:, full:]
-            gram += (rest @ rest.T).double()
+    if x.device.type == "cpu" and x.is_contiguous() and kernels.library() is not None:
+        centre = None if benign is None else x[benign].mean(dim=0).numpy()  # as _centred's, in float32
+        gram = torch.from_numpy(kernels.gram_f32(x.numpy(), centre))
+        terms, sums = kernels.GRAM_LANE_TERMS, 16 * -(-d // kernels.GRAM_BLOCK) + 8 + 4  # + 4: D~'s additions
+    elif torch.get_float32_matmul_precision() != "highest":
+        return None  # products may be rounded to bfloat16: gamma_c would not hold
+    else:
+        gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+        for start in range(0, d, _BLOCK):
+            y = _centred(x, start, benign, torch.float32)
+            full = y.shape[1] // _CHUNK * _CHUNK
+            if full:
+                chunks = y[:, :full].view(n, -1, _CHUNK).transpose(0, 1)  # (chunks, n, c), no copy
+                gram += torch.bmm(chunks, chunks.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
+            if full < y.shape[1]:
+                rest = y[:, full:]
+                gram += (rest @ rest.T).double()
+        # float64 additions of the chunks' products (each block is cut into chunks of its own), and D~'s 3
+        terms, sums = _CHUNK, sum(-(-min(_BLOCK, d - start) // _CHUNK) for start in range(0, d, _BLOCK)) + 4
     if not bool(torch.isfinite(gram).all()):
         return None
-    # float64 additions of the chunks' products (each block is cut into chunks of its own), and D~'s 3
-    sums = sum(-(-min(_BLOCK, d - start) // _CHUNK) for start in range(0, d, _BLOCK)) + 4
-    gamma = _CHUNK * _U32 / (1 - _CHUNK * _U32) + sums * _U64 / (1 - sums * _U64)
+    gamma = terms * _U32 / (1 - terms * _U32) + sums * _U64 / (1 - sums * _U64)
     return gram, gram.diagonal().clone(), gamma
 
 
@@ -170,8 +182,18 @@ def _float64_gram(
     x: torch.Tensor, benign: torch.Tensor | None, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(G[rows, :], squared norms of every row, gamma) of fl(x - centre) in float64 (rows=None: all), one column
-    block at a time. For a few rows this is one pass over the stack at a memory-bound GEMM's cost."""
+    block at a time. Compiled where it can be (`kernels.gram_f64`: symmetric, about half the time of torch's
+    float64 GEMM; `kernels.gram_rows`: a few rows in one pass over the stack read as it is, about 0.6x the time
+    of float64 copies of its blocks and a GEMM), torch's otherwise."""
     n, d = x.shape
+    gamma = (d + 8) * _U64 / (1 - (d + 8) * _U64)  # float64 products and sums of d terms in any order, D~, the norm
+    if x.device.type == "cpu" and x.is_contiguous() and kernels.library() is not None:
+        centre = None if benign is None else x[benign].mean(dim=0).numpy()  # as _centred's, in the stack's dtype
+        if rows is None:
+            gram = torch.from_numpy(kernels.gram_f64(x.numpy(), centre))
+            return gram, gram.diagonal().clone(), gamma
+        gram_rows, sq_rows = kernels.gram_rows(x.numpy(), centre, rows.numpy())
+        return torch.from_numpy(gram_rows), torch.from_numpy(sq_rows), gamma
     gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64, device=x.device)
     sq = torch.zeros(n, dtype=torch.float64, device=x.device) if rows is not None else None
     buffer = torch.empty(n, min(d, _BLOCK), dtype=torch.float64, device=x.device)
@@ -180,7 +202,6 @@ def _float64_gram(
         gram.addmm_(block if rows is None else block[rows], block.T)
         if sq is not None:  # |y|^2 as a norm squared: a sqrt and a square more than a sum of squares (+ 4)
             sq += torch.linalg.vector_norm(block, dim=1).square_()
-    gamma = (d + 8) * _U64 / (1 - (d + 8) * _U64)  # float64 products and sums of d terms in any order, D~, the norm
     return gram, gram.diagonal().clone() if rows is None else sq, gamma
 
 
@@ -233,30 +254,33 @@ class _Intervals:
             self._store(second, exact, exact, exact=True)
             self.level[second] = 2
 
-    def select(self, num_malicious: int, keep: int, alive: torch.Tensor) -> torch.Tensor:
-        """The `keep` rows of `alive` with the smallest exact Krum scores among `alive`, the first on a tie."""
+    def select(self, num_malicious: int, keep: int, alive: np.ndarray) -> np.ndarray:
+        """The `keep` rows of `alive` with the smallest exact Krum scores among `alive`, the first on a tie. On
+        the host in numpy: n x n bounds, one selection stage after another (Bulyan: n - 2f of them)."""
+        sub = np.ix_(alive, alive)
         while True:
-            low = krum_scores(self.lower[alive][:, alive], num_malicious)
-            high = krum_scores(self.upper[alive][:, alive], num_malicious)
+            low = krum_scores(self.lower.cpu().numpy()[sub], num_malicious)
+            high = krum_scores(self.upper.cpu().numpy()[sub], num_malicious)
             # certainly among the best `keep`: fewer than `keep` other rows can score as low; certainly out: `keep`
             # rows score strictly lower whatever the exact values are
-            certainly_in = (low[None, :] <= high[:, None]).sum(dim=1) - 1 < keep
-            certainly_out = (high[None, :] < low[:, None]).sum(dim=1) >= keep
-            open_rows = torch.nonzero(~certainly_in & ~certainly_out).flatten()
+            certainly_in = (low[None, :] <= high[:, None]).sum(axis=1) - 1 < keep
+            certainly_out = (high[None, :] < low[:, None]).sum(axis=1) >= keep
+            open_rows = np.nonzero(~certainly_in & ~certainly_out)[0]
             chosen = alive[certainly_in]
             if len(chosen) == keep:
                 return chosen
-            loose = open_rows[self.level[alive[open_rows]] < 2]
+            loose = open_rows[self.level.cpu().numpy()[alive[open_rows]] < 2]
             if len(loose) == 0:  # every open row's score is exact: rank them, the first row on a tie
-                order = torch.argsort(low[open_rows], stable=True)[: keep - len(chosen)]
-                return torch.cat([chosen, alive[open_rows[order]]])
-            self.tighten(alive[loose])
+                order = np.argsort(low[open_rows], kind="stable")[: keep - len(chosen)]
+                return np.concatenate([chosen, alive[open_rows[order]]])
+            self.tighten(torch.from_numpy(alive[loose]).to(self.x.device))
 
 
 def krum_select(x: torch.Tensor, num_malicious: int, keep: int) -> torch.Tensor:
     """Indices of the `keep` rows with the smallest Krum scores from exact float64 distances (keep=1: Krum's
     choice, the first row on a tie); bounds settle every row they can, the rest is computed exactly."""
-    return _Intervals(x, num_malicious).select(num_malicious, keep, torch.arange(x.shape[0], device=x.device))
+    chosen = _Intervals(x, num_malicious).select(num_malicious, keep, np.arange(x.shape[0]))
+    return torch.from_numpy(chosen).to(x.device)
 
 
 def bulyan_select(x: torch.Tensor, num_malicious: int, count: int) -> torch.Tensor:
@@ -264,7 +288,7 @@ def bulyan_select(x: torch.Tensor, num_malicious: int, count: int) -> torch.Tens
     Its n - 2f successive choices each need a clear winner, which float32 bounds leave open on about one stage in
     three (a pass over the stack each): the float64 Gram matrix, one pass, settles nearly all of them at once."""
     intervals = _Intervals(x, num_malicious, float32_first=False)
-    alive = torch.arange(x.shape[0], device=x.device)
+    alive = np.arange(x.shape[0])
     chosen = []
     for _ in range(count):
         best = int(intervals.select(num_malicious, 1, alive)[0])

@@ -67,7 +67,7 @@ def test_krum_picks_an_inlier_and_counts_n_minus_f_minus_2_neighbours() -> None:
     # n=6, f=1: 3 nearest neighbours of row 0, by hand
     x = WITH_OUTLIER.double()
     by_hand = sorted(float(((x[0] - x[j]) ** 2).sum()) for j in range(1, 6))[:3]
-    assert float(krum_scores(dist, 1)[0]) == pytest.approx(sum(by_hand), rel=1e-9)
+    assert float(krum_scores(dist.numpy(), 1)[0]) == pytest.approx(sum(by_hand), rel=1e-9)
 
 
 def test_multikrum_averages_the_m_best_scored_updates() -> None:

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies import distances
+from strategies import distances, kernels
 from strategies.distances import _Intervals, bulyan_select, direct_sq_distances, krum_select
+
+# the compiled kernels (strategies/kernels.py) and torch's products (no compiler, a GPU) must select alike
+ROUTES = ["compiled", "torch"] if kernels.library() is not None else ["torch"]
+
+
+@contextlib.contextmanager
+def _route(name: str) -> Iterator[None]:
+    with mock.patch.object(kernels, "library", lambda: None) if name == "torch" else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(params=ROUTES)
+def route(request: pytest.FixtureRequest) -> Iterator[str]:
+    with _route(request.param):
+        yield request.param
 
 
 def _brute(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +62,7 @@ ISSUE_TIE = [[0, -2, 0], [2, -1, 2], [-2, -2, 0], [-2, -2, 2], [-1, -2, 0]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_issue_examples_huge_row_and_exact_tie(dtype: torch.dtype) -> None:
+def test_issue_examples_huge_row_and_exact_tie(dtype: torch.dtype, route: str) -> None:
     # exact scores [7.5e17, 6.5, 15.11, 11.34, 5.61, 7.17]: row 4 (the Gram route centred on the mean gave row 1)
     assert krum_select(torch.tensor(ISSUE_HUGE, dtype=dtype), 1, 1).tolist() == [4]
     # exact scores [1, 9, 1, 4, 1]: rows 0, 2 and 4 tie, the first wins
@@ -52,7 +70,7 @@ def test_issue_examples_huge_row_and_exact_tie(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("scale", [1e8, 1e10, 1e12])
-def test_random_stacks_with_two_huge_rows_select_as_brute_force(scale: float) -> None:
+def test_random_stacks_with_two_huge_rows_select_as_brute_force(scale: float, route: str) -> None:
     for seed in range(8):  # the issue: 11 x 50, 2 rows scaled; 1 in 7 wrong at 1e8, most at 1e10
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(11, 50, generator=g, dtype=torch.float64)
@@ -80,9 +98,10 @@ def _stacks(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
 @given(data=st.data())
 def test_krum_and_multikrum_select_as_brute_force_float64(data: st.DataObject) -> None:
     x, f = _stacks(data.draw)
-    assert krum_select(x, f, 1).tolist() == _brute_select(x, f, 1)
     keep = data.draw(st.integers(1, len(x)))
-    assert sorted(krum_select(x, f, keep).tolist()) == sorted(_brute_select(x, f, keep))
+    with _route(data.draw(st.sampled_from(ROUTES))):
+        assert krum_select(x, f, 1).tolist() == _brute_select(x, f, 1)
+        assert sorted(krum_select(x, f, keep).tolist()) == sorted(_brute_select(x, f, keep))
 
 
 @settings(max_examples=40, deadline=None)
@@ -90,7 +109,8 @@ def test_krum_and_multikrum_select_as_brute_force_float64(data: st.DataObject) -
 def test_bulyan_selects_as_brute_force_float64(data: st.DataObject) -> None:
     x, _ = _stacks(data.draw)
     f = data.draw(st.integers(1, (len(x) - 3) // 4)) if len(x) >= 7 else 0
-    assert bulyan_select(x, f, len(x) - 2 * f).tolist() == _brute_bulyan(x, f)
+    with _route(data.draw(st.sampled_from(ROUTES))):
+        assert bulyan_select(x, f, len(x) - 2 * f).tolist() == _brute_bulyan(x, f)
 
 
 def test_direct_distances_are_symmetric_bit_for_bit_and_the_brute_force_values() -> None:
@@ -111,12 +131,12 @@ def _near_pairs(seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("keep", [1, 3, 17])
-def test_selection_equals_brute_force_on_near_ties(seed: int, keep: int) -> None:
+def test_selection_equals_brute_force_on_near_ties(seed: int, keep: int, route: str) -> None:
     x = _near_pairs(seed)
     assert sorted(krum_select(x, 5, keep).tolist()) == sorted(_brute_select(x, 5, keep))
 
 
-def test_bounds_contain_the_exact_distances_and_settle_clear_cases(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bounds_contain_the_exact_distances_and_settle_clear_cases(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     g = torch.Generator().manual_seed(0)
     for x in (
         torch.randn(20, 4096 * 2 + 70, generator=g),  # a partial chunk and a partial block
@@ -138,13 +158,14 @@ def test_bounds_contain_the_exact_distances_and_settle_clear_cases(monkeypatch: 
     assert tightened and tightened[0] < 24  # only the rows the bounds leave open are recomputed
 
 
-def test_float32_route_stands_down_where_its_bound_does_not_hold() -> None:
+def test_float32_route_stands_down_where_its_bound_does_not_hold(route: str) -> None:
     x = torch.randn(10, 400, generator=torch.Generator().manual_seed(2))
     assert distances._float32_gram(x * 1e20, None) is None  # squared norms overflow float32
     previous = torch.get_float32_matmul_precision()
     try:
-        torch.set_float32_matmul_precision("medium")  # may use bfloat16 products: gamma_c would not hold
-        assert distances._float32_gram(x, None) is None
+        torch.set_float32_matmul_precision("medium")  # torch may use bfloat16 products: gamma_c would not hold
+        # the compiled products are float32 whatever torch's setting: that route stands
+        assert (distances._float32_gram(x, None) is None) == (route == "torch")
         assert sorted(krum_select(x, 2, 6).tolist()) == sorted(_brute_select(x, 2, 6))
     finally:
         torch.set_float32_matmul_precision(previous)
@@ -152,7 +173,7 @@ def test_float32_route_stands_down_where_its_bound_does_not_hold() -> None:
     assert sorted(krum_select(stack, 2, 6).tolist()) == sorted(_brute_select(stack, 2, 6))
 
 
-def test_bounds_hold_after_tightening_across_column_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bounds_hold_after_tightening_across_column_blocks(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
     """The float64 rows that tighten open rows are summed over column blocks (a reused buffer, a narrow last block):
     they equal the full float64 Gram's rows, and the tightened bounds still contain the exact distances."""
     monkeypatch.setattr(distances, "_BLOCK", 64)

@@ -9,10 +9,10 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from strategies import aggregators, kernels
+from strategies import aggregators, distances, kernels
 from strategies.aggregators import _bulyan_coordinates, _by_column_blocks, _row_means_closest_to_median, bulyan
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler here: the numpy path is used")
@@ -126,3 +126,94 @@ def test_a_non_contiguous_stack_takes_the_numpy_path() -> None:
     x = torch.randn(400, 9, generator=torch.Generator().manual_seed(1)).T  # 9 x 400, column-major
     chosen = torch.tensor([0, 2, 3, 5, 6, 8])
     assert torch.equal(aggregators._bulyan_coordinates(x, chosen, 2), _numpy_path(x.contiguous(), chosen, 2))
+
+
+def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "library", lambda: None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize(
+    ("n", "d", "rows"), [(9, 1, [0]), (12, 3000, [4, 0, 11]), (30, 5121, []), (5, 2048, [1, 1]), (13, 777, None)]
+)
+def test_float64_grams_agree_with_the_torch_pass_within_the_bound(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, centred: bool, n: int, d: int, rows: list[int] | None
+) -> None:
+    """`gram_rows` (a few rows) and `gram_f64` (rows=None: all, symmetric) against torch's float64 blocks. Both sides
+    are float64 sums of the same exact products in different orders, each within gamma_d of sum |y_ik y_jk| of the
+    exact value, so within 2 gamma_d of each other; partial blocks (1024 and 256 columns) and row tiles (4) included.
+    """
+    g = torch.Generator().manual_seed(n * d)
+    x = torch.randn(n, d, generator=g, dtype=dtype) * torch.logspace(-4, 4, n, dtype=dtype)[:, None]
+    benign = torch.tensor([1, 2, 3]) if centred else None
+    index = None if rows is None else torch.tensor(rows, dtype=torch.long)
+    gram, sq, gamma = distances._float64_gram(x, benign, index)
+    _torch_path(monkeypatch)
+    ref_gram, ref_sq, ref_gamma = distances._float64_gram(x, benign, index)
+    index = torch.arange(n) if index is None else index
+    assert gamma == ref_gamma and gram.shape == (len(index), n)
+    y = x.double() - (0 if benign is None else x[benign].mean(dim=0).double())
+    norms = y.norm(dim=1)
+    assert bool(((sq - ref_sq).abs() <= 2 * gamma * norms**2).all())
+    assert bool(((gram - ref_gram).abs() <= 2 * gamma * norms[index, None] * norms[None, :]).all())
+    if rows is None:
+        assert torch.equal(gram, gram.T)
+
+
+@needs_kernels
+@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize(("n", "d"), [(1, 5), (6, 511), (13, 1537), (40, 4096)])
+def test_the_float32_gram_is_symmetric_and_within_its_bound_of_the_exact_one(centred: bool, n: int, d: int) -> None:
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, d, generator=g) * torch.logspace(-3, 3, n)[:, None]
+    benign = torch.arange(min(n, 3)) if centred else None
+    gram, sq, gamma = distances._float32_gram(x, benign)
+    y = x - x[benign].mean(dim=0) if centred else x  # fl32(x - c): the rows the bound is about
+    exact = y.double() @ y.double().T
+    absolute = y.double().abs() @ y.double().abs().T
+    assert torch.equal(gram, gram.T) and torch.equal(sq, gram.diagonal())
+    assert bool(((gram - exact).abs() <= gamma * absolute + 4 * d * 2.0**-126).all())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(7, 16),
+    d=st.sampled_from([3, 1500, 4099]),
+    huge=st.sampled_from([1.0, 1e8, 1e12]),
+    ties=st.booleans(),
+)
+def test_selections_are_the_same_with_and_without_the_kernels(
+    monkeypatch: pytest.MonkeyPatch, seed: int, n: int, d: int, huge: float, ties: bool
+) -> None:
+    """Krum, Multi-Krum and Bulyan choose the brute-force float64 rows on either path, so the two agree: also with
+    huge rows (the level-2 pass the kernel does) and integer-valued ties. (monkeypatch.context undoes the torch
+    path within each example.)"""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (n, d), generator=g).float() if ties else torch.randn(n, d, generator=g)
+    f = (n - 3) // 4
+    x[torch.randperm(n, generator=g)[:f]] *= huge
+    rules = {"krum": aggregators.krum, "multikrum": aggregators.multikrum, "bulyan": aggregators.bulyan}
+    with monkeypatch.context() as patch:
+        patch.setattr(distances, "_U32", 2.0**-12)  # loose float32 bounds (still bounds): most rows go to level 2
+        with_kernels = {name: rule(x, torch.ones(n), f) for name, rule in rules.items()}
+        _torch_path(patch)
+        for name, rule in rules.items():
+            assert torch.equal(rule(x, torch.ones(n), f), with_kernels[name]), name
+
+
+@needs_kernels
+def test_the_float32_gram_holds_its_bound_where_every_addition_rounds_the_same_way() -> None:
+    """Rows of 1 and of 1 + 2^-20: every float32 lane addition rounds up by nearly half an ulp, the worst case the
+    bound is for (about 8u here); the result stays within the documented gamma_32 + gamma_N."""
+    x = np.ones((6, 3 * kernels.GRAM_BLOCK + 100), dtype=np.float32)
+    x[1::2] = np.float32(1 + 2.0**-20)
+    d = x.shape[1]
+    terms, sums = kernels.GRAM_LANE_TERMS, 16 * -(-d // kernels.GRAM_BLOCK) + 8
+    gamma = terms * 2.0**-24 / (1 - terms * 2.0**-24) + sums * 2.0**-53 / (1 - sums * 2.0**-53)
+    exact = x.astype(np.float64) @ x.astype(np.float64).T  # float32 products are exact in float64
+    error = np.abs(kernels.gram_f32(x, None) - exact) / exact  # all entries positive: exact = sum |y_ik y_jk|
+    assert error.max() <= gamma
+    assert error.max() > 4 * 2.0**-24  # the input does round one way: a bound for 4 products per lane would fail
