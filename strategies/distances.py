@@ -4,13 +4,16 @@ float32 Gram product.
 Squared distances are known as intervals [lower, upper] per pair, tightened row by row only where a selection needs
 it, in three levels:
 
-1. float32 stacks: a float32 Gram matrix of the rows minus a centre, products over chunks of `_CHUNK` columns summed
-   in float64 (batched GEMMs, about the cost of one plain GEMM), with a proved error bound. A float32 dot product of
-   c terms, summed in any order, is within gamma_c = c u / (1 - c u) of sum |a_k b_k| (u = 2^-24; Higham, "Accuracy
-   and Stability of Numerical Algorithms", sec. 3.1), so gamma_c rather than gamma_d bounds every distance.
+1. float32 stacks: a float32 Gram matrix of the rows minus a centre whose products are summed a few at a time in
+   float32 and then in float64, with a proved error bound. A float32 dot product of c terms, summed in any order, is
+   within gamma_c = c u / (1 - c u) of sum |a_k b_k| (u = 2^-24; Higham, "Accuracy and Stability of Numerical
+   Algorithms", sec. 3.1), so gamma_c rather than gamma_d bounds every distance: c = 32 with the compiled kernel
+   (`kernels.gram_f32`: the symmetric half, 0.7x the time of torch's GEMM), c = `_CHUNK` with torch's batched GEMMs
+   over column chunks (about 1.2x) where no compiler is available or the stack is on a GPU.
 2. rows left open: their Gram rows in float64 against every row (gamma_d with u = 2^-53), all of them in one pass
-   over the stack, a GEMM bound by memory rather than arithmetic. float64 stacks (and float32 ones whose squares
-   overflow) start here instead with a float64 Gram matrix.
+   over the stack (`kernels.gram_rows`, or torch's GEMM over float64 copies of column blocks). float64 stacks (and
+   float32 ones whose squares overflow) start here instead with a float64 Gram matrix (`kernels.gram_f64`, or
+   torch's).
 3. rows still open (exact ties, clusters of huge rows): direct differences sum_k (x_ik - x_jk)^2 in float64, the
    brute-force value, summed in a fixed order.
 
@@ -80,6 +83,8 @@ def direct_sq_distances(x: torch.Tensor, rows: torch.Tensor | None = None) -> to
     """Squared distances from `rows` (None: all) to every row by direct differences in float64: the brute-force
     value, summed in the same order whatever `rows` is, so d_ij and d_ji agree bit for bit."""
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+    if x.device.type == "cpu" and x.is_contiguous() and kernels.library() is not None:
+        return torch.from_numpy(kernels.direct_rows(x.numpy(), rows.numpy()))  # one pass, no float64 copies
     n = x.shape[0]
     out = torch.zeros(len(rows), n, dtype=torch.float64, device=x.device)
     group = max(1, (1 << 20) // (n * _DIRECT_WIDTH))  # rows per (group, n, width) difference: about 8 MB
@@ -155,8 +160,8 @@ def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.T
     n, d = x.shape
     if x.device.type == "cpu" and x.is_contiguous() and kernels.library() is not None:
         centre = None if benign is None else x[benign].mean(dim=0).numpy()  # as _centred's, in float32
-        gram = torch.from_numpy(kernels.gram_f32(x.numpy(), centre))
-        terms, sums = kernels.GRAM_LANE_TERMS, 16 * -(-d // kernels.GRAM_BLOCK) + 8 + 4  # + 4: D~'s additions
+        gram, sums = kernels.gram_f32(x.numpy(), centre, torch.get_num_threads())
+        gram, terms, sums = torch.from_numpy(gram), kernels.GRAM_LANE_TERMS, sums + 4  # + 4: D~'s additions
     elif torch.get_float32_matmul_precision() != "highest":
         return None  # products may be rounded to bfloat16: gamma_c would not hold
     else:
@@ -190,9 +195,9 @@ def _float64_gram(
     if x.device.type == "cpu" and x.is_contiguous() and kernels.library() is not None:
         centre = None if benign is None else x[benign].mean(dim=0).numpy()  # as _centred's, in the stack's dtype
         if rows is None:
-            gram = torch.from_numpy(kernels.gram_f64(x.numpy(), centre))
+            gram = torch.from_numpy(kernels.gram_f64(x.numpy(), centre, torch.get_num_threads()))
             return gram, gram.diagonal().clone(), gamma
-        gram_rows, sq_rows = kernels.gram_rows(x.numpy(), centre, rows.numpy())
+        gram_rows, sq_rows = kernels.gram_rows(x.numpy(), centre, rows.numpy(), torch.get_num_threads())
         return torch.from_numpy(gram_rows), torch.from_numpy(sq_rows), gamma
     gram = torch.zeros(n if rows is None else len(rows), n, dtype=torch.float64, device=x.device)
     sq = torch.zeros(n, dtype=torch.float64, device=x.device) if rows is not None else None

@@ -20,8 +20,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +47,7 @@ _SOURCE = r"""
    those columns by their distances instead). The median and the reaches in the stack's precision, as numpy.
    Returns 0, or -1 where the work buffer cannot be allocated. */
 #define BULYAN(NAME, T, ABS)                                                                                       \
-int NAME(const T *x, int64_t ld, const int64_t *rows, int32_t theta, int64_t ncols, int32_t beta,                \
+int NAME(const T *x, int64_t ld, const int64_t *rows, int32_t theta, int64_t ncols, int32_t beta,                  \
          const int32_t *pairs, int32_t npairs, double *out, uint8_t *tied) {                                       \
     T *buf = malloc(sizeof(T) * (size_t)theta * W);                                                                \
     if (buf == NULL) return -1;                                                                                    \
@@ -146,15 +149,15 @@ static inline double NAME(double *restrict dst, const T *restrict src, const dou
     return total(s0 + s1);                                                                                         \
 }
 
-/* In float64, of y = x - centre (row stride d; centre NULL: zero): out[i * n + j] = y[rows[i]] . y[j] for the k
+/* In float64, of y = x - centre (n x d, row stride ld; centre NULL: zero): out[i * n + j] = y[rows[i]] . y[j] for the k
    `rows` and every row j < n, and sq[j] = y[j] . y[j], in one pass over x read as it is. Products of float32
    values are exact in float64; every result is a float64 sum of d terms in a fixed order, within gamma_d of
    sum |y_ik y_jk| (the caller's bound). Returns 0, or -1 where the work buffers cannot be allocated. */
 #define GRAM_ROWS(NAME, T, CENTRED_T)                                                                              \
-int NAME(const T *x, int64_t n, int64_t d, const T *centre, const int64_t *rows, int32_t k, double *out,          \
-         double *sq) {                                                                                             \
-    double *open = aligned_alloc(64, sizeof(double) * (size_t)(k > 0 ? k : 1) * B);                               \
-    double *row = aligned_alloc(64, sizeof(double) * B), *shift = aligned_alloc(64, sizeof(double) * B);          \
+int NAME(const T *x, int64_t n, int64_t d, int64_t ld, const T *centre, const int64_t *rows, int32_t k,            \
+         double *out, double *sq) {                                                                                \
+    double *open = aligned_alloc(64, sizeof(double) * (size_t)(k > 0 ? k : 1) * B);                                \
+    double *row = aligned_alloc(64, sizeof(double) * B), *shift = aligned_alloc(64, sizeof(double) * B);           \
     if (open == NULL || row == NULL || shift == NULL) {                                                            \
         free(open);                                                                                                \
         free(row);                                                                                                 \
@@ -165,10 +168,10 @@ int NAME(const T *x, int64_t n, int64_t d, const T *centre, const int64_t *rows,
     memset(sq, 0, sizeof(double) * (size_t)n);                                                                     \
     for (int64_t c0 = 0; c0 < d; c0 += B) {                                                                        \
         const int64_t w = d - c0 < B ? d - c0 : B;                                                                 \
-        for (int64_t c = 0; c < B; c++) shift[c] = centre != NULL && c < w ? (double)centre[c0 + c] : 0.0;        \
-        for (int32_t i = 0; i < k; i++) CENTRED_T(open + i * B, x + rows[i] * d + c0, shift, w);                   \
+        for (int64_t c = 0; c < B; c++) shift[c] = centre != NULL && c < w ? (double)centre[c0 + c] : 0.0;         \
+        for (int32_t i = 0; i < k; i++) CENTRED_T(open + i * B, x + rows[i] * ld + c0, shift, w);                  \
         for (int64_t j = 0; j < n; j++) {                                                                          \
-            sq[j] += CENTRED_T(row, x + j * d + c0, shift, w);                                                     \
+            sq[j] += CENTRED_T(row, x + j * ld + c0, shift, w);                                                    \
             for (int32_t i = 0; i < k; i++) out[i * n + j] += dot(open + i * B, row);                              \
         }                                                                                                          \
     }                                                                                                              \
@@ -180,6 +183,46 @@ int NAME(const T *x, int64_t n, int64_t d, const T *centre, const int64_t *rows,
 
 CENTRED(centred_f32, float)
 CENTRED(centred_f64, double)
+
+/* out[i * n + j] = sum_c (x[rows[i], c] - x[j, c])^2 in float64 (n x d, row stride ld), the brute-force distance:
+   the same columns go to the same partial sums in the same order for every pair, and (a - b)^2 = (b - a)^2, so
+   d_ij and d_ji agree bit for bit whichever of them is a `rows` entry. Returns 0, or -1 without memory. */
+#define DIRECT(NAME, T)                                                                                            \
+int NAME(const T *x, int64_t n, int64_t d, int64_t ld, const int64_t *rows, int32_t k, double *out) {             \
+    double *open = aligned_alloc(64, sizeof(double) * (size_t)(k > 0 ? k : 1) * B);                               \
+    double *row = aligned_alloc(64, sizeof(double) * B);                                                           \
+    if (open == NULL || row == NULL) {                                                                             \
+        free(open);                                                                                                \
+        free(row);                                                                                                 \
+        return -1;                                                                                                 \
+    }                                                                                                              \
+    memset(out, 0, sizeof(double) * (size_t)k * (size_t)n);                                                        \
+    for (int64_t c0 = 0; c0 < d; c0 += B) {                                                                        \
+        const int64_t w = d - c0 < B ? d - c0 : B;                                                                 \
+        for (int32_t i = 0; i < k; i++)                                                                            \
+            for (int64_t c = 0; c < B; c++) open[i * B + c] = c < w ? (double)x[rows[i] * ld + c0 + c] : 0.0;      \
+        for (int64_t j = 0; j < n; j++) {                                                                          \
+            for (int64_t c = 0; c < B; c++) row[c] = c < w ? (double)x[j * ld + c0 + c] : 0.0;                     \
+            for (int32_t i = 0; i < k; i++) {                                                                      \
+                const double *a = open + i * B;                                                                    \
+                v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                                         \
+                for (int c = 0; c < B; c += 32) {                                                                  \
+                    const v8 e0 = load8(a + c) - load8(row + c), e1 = load8(a + c + 8) - load8(row + c + 8);       \
+                    const v8 e2 = load8(a + c + 16) - load8(row + c + 16);                                         \
+                    const v8 e3 = load8(a + c + 24) - load8(row + c + 24);                                         \
+                    s0 += e0 * e0, s1 += e1 * e1, s2 += e2 * e2, s3 += e3 * e3;                                    \
+                }                                                                                                  \
+                out[i * n + j] += total((s0 + s1) + (s2 + s3));                                                    \
+            }                                                                                                      \
+        }                                                                                                          \
+    }                                                                                                              \
+    free(open);                                                                                                    \
+    free(row);                                                                                                     \
+    return 0;                                                                                                      \
+}
+
+DIRECT(direct_rows_f32, float)
+DIRECT(direct_rows_f64, double)
 GRAM_ROWS(gram_rows_f32, float, centred_f32)
 GRAM_ROWS(gram_rows_f64, double, centred_f64)
 
@@ -208,12 +251,12 @@ static inline void add8(double *lanes, v8 acc) {
     memcpy(lanes, &s, sizeof s);
 }
 
-/* out (n x n, float64) = the Gram matrix of y = fl32(x - centre) (row stride d; centre NULL: zero), symmetric:
+/* out (n x n, float64) = the Gram matrix of y = fl32(x - centre) (n x d, row stride ld; centre NULL: zero), symmetric:
    each pair once, in 4 x 4 tiles of rows (16 accumulators in registers), over column blocks of BC that stay in
    L2. Every float32 lane sums 32 products (gamma_32 in float32) before it is added into float64 lanes, so a result
    is within gamma_32 (u = 2^-24) + gamma_N (u = 2^-53, N = 16 ceil(d / BC) + 8 float64 terms) of sum |y_ik y_jk|.
    Returns 0, or -1 where the work buffers cannot be allocated. */
-int gram_f32(const float *x, int64_t n, int64_t d, const float *centre, double *out) {
+int gram_f32(const float *x, int64_t n, int64_t d, int64_t ld, const float *centre, double *out) {
     const int64_t np = (n + 3) / 4 * 4;
     float *y = aligned_alloc(64, sizeof(float) * (size_t)np * BC);
     double *lanes = calloc((size_t)np * (size_t)np * 8, sizeof(double));
@@ -226,7 +269,7 @@ int gram_f32(const float *x, int64_t n, int64_t d, const float *centre, double *
         const int64_t w = d - c0 < BC ? d - c0 : BC;
         for (int64_t r = 0; r < np; r++) {
             float *dst = y + r * BC;
-            const float *src = x + r * d + c0;
+            const float *src = x + r * ld + c0;
             if (r >= n)
                 memset(dst, 0, sizeof(float) * BC);
             else if (w == BC && centre != NULL)
@@ -275,11 +318,11 @@ int gram_f32(const float *x, int64_t n, int64_t d, const float *centre, double *
 
 #define BD 256 /* columns per block of the float64 Gram: 100 rows of it stay in L2 */
 
-/* out (n x n) = the Gram matrix of y = x - centre in float64 (products and sums; row stride d; centre NULL:
+/* out (n x n) = the Gram matrix of y = x - centre in float64 (products and sums; n x d, row stride ld; centre NULL:
    zero), symmetric, in 4 x 4 tiles of rows as gram_f32: every result is a float64 sum of d products in a fixed
    order, within gamma_d of sum |y_ik y_jk|. Returns 0, or -1 where the work buffers cannot be allocated. */
 #define GRAM64(NAME, T)                                                                                            \
-int NAME(const T *x, int64_t n, int64_t d, const T *centre, double *out) {                                        \
+int NAME(const T *x, int64_t n, int64_t d, int64_t ld, const T *centre, double *out) {                             \
     const int64_t np = (n + 3) / 4 * 4;                                                                            \
     double *y = aligned_alloc(64, sizeof(double) * (size_t)np * BD);                                               \
     double *lanes = calloc((size_t)np * (size_t)np * 8, sizeof(double));                                           \
@@ -292,7 +335,7 @@ int NAME(const T *x, int64_t n, int64_t d, const T *centre, double *out) {      
         const int64_t w = d - c0 < BD ? d - c0 : BD;                                                               \
         for (int64_t r = 0; r < np; r++) {                                                                         \
             double *dst = y + r * BD;                                                                              \
-            const T *src = x + r * d + c0;                                                                         \
+            const T *src = x + r * ld + c0;                                                                        \
             if (r >= n)                                                                                            \
                 memset(dst, 0, sizeof(double) * BD);                                                               \
             else if (w == BD && centre != NULL)                                                                    \
@@ -333,7 +376,7 @@ int NAME(const T *x, int64_t n, int64_t d, const T *centre, double *out) {      
     for (int64_t i = 0; i < n; i++)                                                                                \
         for (int64_t j = i; j < n; j++) {                                                                          \
             const double *l = lanes + (i * np + j) * 8;                                                            \
-            out[i * n + j] = out[j * n + i] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));  \
+            out[i * n + j] = out[j * n + i] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));   \
         }                                                                                                          \
     free(y);                                                                                                       \
     free(lanes);                                                                                                   \
@@ -389,6 +432,7 @@ def library() -> ctypes.CDLL | None:
         ctypes.POINTER(ctypes.c_float),
         ctypes.c_int64,
         ctypes.c_int64,
+        ctypes.c_int64,
         ctypes.POINTER(ctypes.c_float),
         ctypes.POINTER(ctypes.c_double),
     ]
@@ -399,7 +443,20 @@ def library() -> ctypes.CDLL | None:
             ctypes.POINTER(ctype),
             ctypes.c_int64,
             ctypes.c_int64,
+            ctypes.c_int64,
             ctypes.POINTER(ctype),
+            ctypes.POINTER(ctypes.c_double),
+        ]
+    for name, ctype in (("direct_rows_f32", ctypes.c_float), ("direct_rows_f64", ctypes.c_double)):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.POINTER(ctype),
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.POINTER(ctypes.c_int64),
+            ctypes.c_int32,
             ctypes.POINTER(ctypes.c_double),
         ]
     for name, ctype in (("gram_rows_f32", ctypes.c_float), ("gram_rows_f64", ctypes.c_double)):
@@ -407,6 +464,7 @@ def library() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
         fn.argtypes = [
             ctypes.POINTER(ctype),
+            ctypes.c_int64,
             ctypes.c_int64,
             ctypes.c_int64,
             ctypes.POINTER(ctype),
@@ -452,25 +510,52 @@ def sorting_network(n: int) -> np.ndarray:
     return np.array(pairs, dtype=np.int32).reshape(-1, 2)
 
 
+_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)  # ctypes calls release the GIL
+
+
+def _column_ranges(d: int, threads: int, multiple: int) -> list[tuple[int, int]]:
+    """Up to `threads` column ranges cut at multiples of `multiple` columns, each at least 16 of them."""
+    parts = max(1, min(threads, d // (16 * multiple)))
+    step = -(-d // parts // multiple) * multiple
+    return [(start, min(start + step, d)) for start in range(0, d, step)]
+
+
+def _in_parallel(ranges: list[tuple[int, int]], work: Callable[[int, int], Any]) -> list:
+    """work(start, end) per column range, on the pool when there are several; results in range order."""
+    if len(ranges) == 1:
+        return [work(*ranges[0])]
+    return list(_POOL.map(lambda r: work(*r), ranges))
+
+
+def _pointer(a: np.ndarray | None, ctype: type, offset: int = 0) -> Any:
+    """A ctypes pointer to element `offset` of a C-contiguous array (None for None)."""
+    return None if a is None else ctypes.cast(a.ctypes.data + offset * a.itemsize, ctypes.POINTER(ctype))
+
+
+def _ctype(x: np.ndarray) -> type:
+    return ctypes.c_float if x.dtype == np.float32 else ctypes.c_double
+
+
+def _needed() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled kernels are not available: check strategies.kernels.library() first")
+    return lib
+
+
 def bulyan_coordinates(
     x: np.ndarray, rows: np.ndarray, beta: int, begin: int, end: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(float64 mean of the `beta` sorted values of x[rows, c] with the smallest reach around their median, tied
-    flags) for the columns c in begin:end. x: a C-contiguous float32/float64 array without NaN; needs `library()`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled kernels are not available: check strategies.kernels.library() first")
-    ctype, fn = (
-        (ctypes.c_float, lib.bulyan_coordinates_f32)
-        if x.dtype == np.float32
-        else (ctypes.c_double, lib.bulyan_coordinates_f64)
-    )
+    flags) for the columns c in begin:end. x: a C-contiguous float32/float64 array without NaN."""
+    lib, ctype = _needed(), _ctype(x)
+    fn = lib.bulyan_coordinates_f32 if x.dtype == np.float32 else lib.bulyan_coordinates_f64
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     pairs = sorting_network(len(rows))
     out = np.empty(end - begin, dtype=np.float64)
     tied = np.empty(end - begin, dtype=np.uint8)
     status = fn(
-        x[:, begin:].ctypes.data_as(ctypes.POINTER(ctype)),  # column `begin` of row 0; rows lie d elements apart
+        _pointer(x, ctype, begin),  # column `begin` of row 0; rows lie d elements apart
         x.shape[1],
         rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
         len(rows),
@@ -486,81 +571,129 @@ def bulyan_coordinates(
     return out, tied.astype(bool)
 
 
-def gram_rows(x: np.ndarray, centre: np.ndarray | None, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def gram_rows(
+    x: np.ndarray, centre: np.ndarray | None, rows: np.ndarray, threads: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """(G[rows, :], squared norms of every row) of y = x - centre in float64, in one pass over the stack read as it
-    is (no float64 copy). x: a C-contiguous float32/float64 n x d array; centre: None (zero) or d values of x's
-    dtype; needs `library()`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled kernels are not available: check strategies.kernels.library() first")
-    ctype, fn = (ctypes.c_float, lib.gram_rows_f32) if x.dtype == np.float32 else (ctypes.c_double, lib.gram_rows_f64)
+    is (no float64 copy), `threads` column ranges at once. x: a C-contiguous float32/float64 n x d array; centre:
+    None (zero) or d values of x's dtype. Every entry is a float64 sum of d products (within gamma_d)."""
+    lib, ctype = _needed(), _ctype(x)
+    fn = lib.gram_rows_f32 if x.dtype == np.float32 else lib.gram_rows_f64
     n, d = x.shape
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     centre = None if centre is None else np.ascontiguousarray(centre, dtype=x.dtype)
-    out = np.empty((len(rows), n), dtype=np.float64)
-    sq = np.empty(n, dtype=np.float64)
-    status = fn(
-        x.ctypes.data_as(ctypes.POINTER(ctype)),
-        n,
-        d,
-        None if centre is None else centre.ctypes.data_as(ctypes.POINTER(ctype)),
-        rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
-        len(rows),
-        out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
-        sq.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
-    )
-    if status != 0:
-        raise MemoryError(f"gram_rows: no memory for the work buffers of {len(rows)} rows")
-    return out, sq
+
+    def work(start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        out, sq = np.empty((len(rows), n), dtype=np.float64), np.empty(n, dtype=np.float64)
+        status = fn(
+            _pointer(x, ctype, start),
+            n,
+            end - start,
+            d,
+            _pointer(centre, ctype, start),
+            rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+            len(rows),
+            out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+            sq.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+        )
+        if status != 0:
+            raise MemoryError(f"gram_rows: no memory for the work buffers of {len(rows)} rows")
+        return out, sq
+
+    parts = _in_parallel(_column_ranges(d, threads, 1024), work)
+    return sum(p[0] for p in parts[1:]) + parts[0][0], sum(p[1] for p in parts[1:]) + parts[0][1]
+
+
+DIRECT_RANGE = 1 << 16  # columns per parallel range of `direct_rows`: fixed, so the sum order never depends on threads
+
+
+def direct_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Squared distances from `rows` to every row of a C-contiguous float32/float64 x by direct differences in
+    float64 (the brute-force value), summed in an order that depends on the columns only: d_ij and d_ji agree bit
+    for bit, whatever `rows` is and however many threads run."""
+    lib, ctype = _needed(), _ctype(x)
+    fn = lib.direct_rows_f32 if x.dtype == np.float32 else lib.direct_rows_f64
+    n, d = x.shape
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+
+    def work(start: int, end: int) -> np.ndarray:
+        out = np.empty((len(rows), n), dtype=np.float64)
+        status = fn(
+            _pointer(x, ctype, start),
+            n,
+            end - start,
+            d,
+            rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+            len(rows),
+            out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+        )
+        if status != 0:
+            raise MemoryError(f"direct_rows: no memory for the work buffers of {len(rows)} rows")
+        return out
+
+    parts = _in_parallel([(start, min(start + DIRECT_RANGE, d)) for start in range(0, d, DIRECT_RANGE)], work)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 GRAM_LANE_TERMS = 32  # products each float32 lane of `gram_f32` sums before float64 takes over (BC / 16)
 GRAM_BLOCK = 512  # columns per block of `gram_f32` (BC): each adds 16 float64 terms per pair
 
 
-def gram_f32(x: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
-    """The n x n Gram matrix (float64) of y = fl32(x - centre) for a C-contiguous float32 x, symmetric, from float32
-    products summed GRAM_LANE_TERMS at a time in float32 and then in float64: within gamma_32 (u = 2^-24) +
-    gamma_N (u = 2^-53, N = 16 ceil(d / GRAM_BLOCK) + 8) of sum |y_ik y_jk|, at about 0.7x the time of torch's
-    float32 x @ x.T (half the products, in registers). Needs `library()`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled kernels are not available: check strategies.kernels.library() first")
+def gram_f32(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> tuple[np.ndarray, int]:
+    """(the n x n Gram matrix of y = fl32(x - centre) in float64, the count of float64 terms summed per entry) for a
+    C-contiguous float32 x, symmetric, from float32 products summed GRAM_LANE_TERMS at a time in float32 and then
+    in float64: within gamma_32 (u = 2^-24) + gamma_terms (u = 2^-53) of sum |y_ik y_jk|, at about 0.7x the time of
+    torch's float32 x @ x.T on as many threads (half the products, in registers)."""
+    lib = _needed()
     n, d = x.shape
     centre = None if centre is None else np.ascontiguousarray(centre, dtype=np.float32)
-    out = np.empty((n, n), dtype=np.float64)
-    status = lib.gram_f32(
-        x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-        n,
-        d,
-        None if centre is None else centre.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-        out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
-    )
-    if status != 0:
-        raise MemoryError(f"gram_f32: no memory for the work buffers of {n} rows")
-    return out
+
+    def work(start: int, end: int) -> np.ndarray:
+        out = np.empty((n, n), dtype=np.float64)
+        status = lib.gram_f32(
+            _pointer(x, ctypes.c_float, start),
+            n,
+            end - start,
+            d,
+            _pointer(centre, ctypes.c_float, start),
+            out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+        )
+        if status != 0:
+            raise MemoryError(f"gram_f32: no memory for the work buffers of {n} rows")
+        return out
+
+    ranges = _column_ranges(d, threads, GRAM_BLOCK)
+    parts = _in_parallel(ranges, work)
+    # 16 lane sums per block and range, all added in float64 (within a range, then the ranges in order)
+    terms = sum(16 * -(-(end - start) // GRAM_BLOCK) for start, end in ranges)
+    return sum(parts[1:]) + parts[0], terms
 
 
-def gram_f64(x: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
+def gram_f64(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> np.ndarray:
     """The n x n Gram matrix of y = x - centre in float64 for a C-contiguous float32 or float64 x (centre: None or
     d values of x's dtype), symmetric: float64 sums of d products, within gamma_d of sum |y_ik y_jk|, at about half
-    the time of torch's float64 GEMM over float64 copies of the blocks. Needs `library()`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the compiled kernels are not available: check strategies.kernels.library() first")
-    ctype, fn = (
-        (ctypes.c_float, lib.gram_f64_from_f32) if x.dtype == np.float32 else (ctypes.c_double, lib.gram_f64_from_f64)
-    )
+    the time of torch's float64 GEMM over float64 copies of the blocks."""
+    lib, ctype = _needed(), _ctype(x)
+    fn = lib.gram_f64_from_f32 if x.dtype == np.float32 else lib.gram_f64_from_f64
     n, d = x.shape
     centre = None if centre is None else np.ascontiguousarray(centre, dtype=x.dtype)
-    out = np.empty((n, n), dtype=np.float64)
-    status = fn(
-        x.ctypes.data_as(ctypes.POINTER(ctype)),
-        n,
-        d,
-        None if centre is None else centre.ctypes.data_as(ctypes.POINTER(ctype)),
-        out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
-    )
-    if status != 0:
-        raise MemoryError(f"gram_f64: no memory for the work buffers of {n} rows")
-    return out
+
+    def work(start: int, end: int) -> np.ndarray:
+        out = np.empty((n, n), dtype=np.float64)
+        status = fn(
+            _pointer(x, ctype, start),
+            n,
+            end - start,
+            d,
+            _pointer(centre, ctype, start),
+            out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+        )
+        if status != 0:
+            raise MemoryError(f"gram_f64: no memory for the work buffers of {n} rows")
+        return out
+
+    parts = _in_parallel(_column_ranges(d, threads, 256), work)
+    return sum(parts[1:]) + parts[0]

@@ -113,7 +113,7 @@ def test_bulyan_selects_as_brute_force_float64(data: st.DataObject) -> None:
         assert bulyan_select(x, f, len(x) - 2 * f).tolist() == _brute_bulyan(x, f)
 
 
-def test_direct_distances_are_symmetric_bit_for_bit_and_the_brute_force_values() -> None:
+def test_direct_distances_are_symmetric_bit_for_bit_and_the_brute_force_values(route: str) -> None:
     x = torch.randn(9, 5000, generator=torch.Generator().manual_seed(1)) * 1e6 + 3.0  # several blocks
     full = direct_sq_distances(x)
     assert bool((full == full.T).all())

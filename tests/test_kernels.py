@@ -211,9 +211,26 @@ def test_the_float32_gram_holds_its_bound_where_every_addition_rounds_the_same_w
     x = np.ones((6, 3 * kernels.GRAM_BLOCK + 100), dtype=np.float32)
     x[1::2] = np.float32(1 + 2.0**-20)
     d = x.shape[1]
-    terms, sums = kernels.GRAM_LANE_TERMS, 16 * -(-d // kernels.GRAM_BLOCK) + 8
+    gram, sums = kernels.gram_f32(x, None)
+    assert sums == 16 * -(-d // kernels.GRAM_BLOCK)
+    terms = kernels.GRAM_LANE_TERMS
     gamma = terms * 2.0**-24 / (1 - terms * 2.0**-24) + sums * 2.0**-53 / (1 - sums * 2.0**-53)
     exact = x.astype(np.float64) @ x.astype(np.float64).T  # float32 products are exact in float64
-    error = np.abs(kernels.gram_f32(x, None) - exact) / exact  # all entries positive: exact = sum |y_ik y_jk|
+    error = np.abs(gram - exact) / exact  # all entries positive: exact = sum |y_ik y_jk|
     assert error.max() <= gamma
     assert error.max() > 4 * 2.0**-24  # the input does round one way: a bound for 4 products per lane would fail
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_rows_are_symmetric_bit_for_bit_across_parallel_ranges(dtype: type) -> None:
+    """Several column ranges summed on the pool: d_ij = d_ji exactly, any subset of rows gives the same entries,
+    and the values are the brute-force distances to float64 rounding."""
+    x = np.random.default_rng(5).standard_normal((6, 2 * kernels.DIRECT_RANGE + 300)).astype(dtype)
+    x[2] *= 1e6
+    full = kernels.direct_rows(x, np.arange(6))
+    assert (full == full.T).all() and (np.diag(full) == 0).all()
+    np.testing.assert_array_equal(kernels.direct_rows(x, np.array([4, 1])), full[[4, 1]])
+    y = x.astype(np.float64)
+    exact = ((y[:, None, :] - y[None, :, :]) ** 2).sum(axis=2)
+    np.testing.assert_allclose(full, exact, rtol=1e-13, atol=0)
