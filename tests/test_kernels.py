@@ -234,3 +234,30 @@ def test_direct_rows_are_symmetric_bit_for_bit_across_parallel_ranges(dtype: typ
     y = x.astype(np.float64)
     exact = ((y[:, None, :] - y[None, :, :]) ** 2).sum(axis=2)
     np.testing.assert_allclose(full, exact, rtol=1e-13, atol=0)
+
+
+@needs_kernels
+def test_the_grams_split_over_threads_agree_with_one_thread_within_their_bounds() -> None:
+    """Column ranges on the pool, partial Grams summed in order: the float64 term count grows by the ranges' partial
+    blocks, and every entry stays within the bound of the single-thread value (both are within it of the exact)."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((7, 3 * 16 * 1024 + 333)) * np.logspace(-2, 2, 7)[:, None]).astype(np.float32)
+    centre = x[:3].mean(axis=0)
+    d = x.shape[1]
+    assert len(kernels._column_ranges(d, 3, kernels.GRAM_BLOCK)) == 3
+    one, terms_one = kernels.gram_f32(x, centre, threads=1)
+    three, terms_three = kernels.gram_f32(x, centre, threads=3)
+    assert terms_one == 16 * -(-d // kernels.GRAM_BLOCK) and terms_one <= terms_three <= terms_one + 3 * 16
+    y = (x - centre).astype(np.float64)
+    absolute = np.abs(y) @ np.abs(y).T
+    gamma32 = 32 * 2.0**-24 / (1 - 32 * 2.0**-24) + terms_three * 2.0**-53 / (1 - terms_three * 2.0**-53)
+    assert (np.abs(three - one) <= 2 * gamma32 * absolute).all() and (three == three.T).all()
+    gamma64 = (d + 8) * 2.0**-53 / (1 - (d + 8) * 2.0**-53)
+    assert (
+        np.abs(kernels.gram_f64(x, centre, threads=3) - kernels.gram_f64(x, centre, threads=1))
+        <= 2 * gamma64 * absolute
+    ).all()
+    rows = np.array([5, 0])
+    (g1, s1), (g3, s3) = kernels.gram_rows(x, centre, rows, threads=1), kernels.gram_rows(x, centre, rows, threads=3)
+    assert (np.abs(g3 - g1) <= 2 * gamma64 * absolute[rows]).all()
+    assert (np.abs(s3 - s1) <= 2 * gamma64 * np.diag(absolute)).all()
