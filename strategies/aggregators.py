@@ -120,8 +120,8 @@ def _row_means_closest_to_median(block: np.ndarray, beta: int) -> np.ndarray:
     so only the windows holding a median position (beta + 1 of the n - beta + 1) are searched; a row whose window
     just outside them reaches as little (equal values) is searched in full. Where the first and the last window of
     that reach hold different values (m - r and m + r tie for the last place), the row is ranked by a stable sort of
-    its distances instead, as the definition asks. The mean sums the window in sorted order, in float64 (exact for
-    float32 values of similar magnitude, so the same as any order)."""
+    its distances instead, as the definition asks. The mean sums the window one value after another in sorted order,
+    in float64, as `kernels.bulyan_coordinates` does, so both give the same numbers."""
     ordered = np.sort(block, axis=1)
     n = ordered.shape[1]
     k = n // 2
@@ -138,7 +138,7 @@ def _row_means_closest_to_median(block: np.ndarray, beta: int) -> np.ndarray:
         _, first[spilled], last[spilled] = _min_reach_windows(ordered[spilled], med[spilled], beta, 0, last_start)
     rows = np.arange(len(ordered))
     window = np.take_along_axis(ordered, first[:, None] + np.arange(beta), axis=1)
-    out = window.mean(axis=1, dtype=np.float64)
+    out = np.cumsum(window, axis=1, dtype=np.float64)[:, -1] / beta  # summed in sorted order, as the kernel does
     tied = np.nonzero((first != last) & (ordered[rows, first] != ordered[rows, last + beta - 1]))[0]
     if len(tied):
         closest = np.argsort(np.abs(block[tied] - med[tied, None]), axis=1, kind="stable")[:, :beta]

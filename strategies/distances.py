@@ -59,7 +59,7 @@ def check_stack(updates: torch.Tensor, num_malicious: int, rule: str) -> None:
             f"{rule} needs float32 or float64 updates (got {updates.dtype}): convert with "
             ".float() or .double(); reduced-precision and integer stacks are not aggregated as they are"
         )
-    low, high = torch.aminmax(updates)  # NaN propagates; one pass, 30x cheaper than isfinite(updates).all()
+    low, high = torch.aminmax(updates.detach())  # NaN propagates; one pass, 30x cheaper than isfinite(updates).all()
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         raise ValueError(
             f"{rule} got a NaN or infinite entry in the updates (rows "
@@ -82,6 +82,7 @@ def krum_scores(dist: np.ndarray, num_malicious: int) -> np.ndarray:
 def direct_sq_distances(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Squared distances from `rows` (None: all) to every row by direct differences in float64: the brute-force
     value, summed in the same order whatever `rows` is, so d_ij and d_ji agree bit for bit."""
+    x = x.detach()  # the numpy views below cannot hold a graph; distances are never differentiated
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
     if x.device.type == "cpu" and x.is_contiguous() and kernels.library() is not None:
         return torch.from_numpy(kernels.direct_rows(x.numpy(), rows.numpy()))  # one pass, no float64 copies
@@ -158,7 +159,7 @@ def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.T
     `kernels.gram_f32` sums 32 products per float32 lane (at 0.7x a float32 GEMM's time, bounds 8x tighter);
     torch's batched GEMMs sum chunks of `_CHUNK` columns (about 1.2x)."""
     n, d = x.shape
-    if x.device.type == "cpu" and x.is_contiguous() and kernels.library() is not None:
+    if x.device.type == "cpu" and x.is_contiguous() and kernels.gram_fits(n) and kernels.library() is not None:
         centre = None if benign is None else x[benign].mean(dim=0).numpy()  # as _centred's, in float32
         gram, sums = kernels.gram_f32(x.numpy(), centre, torch.get_num_threads())
         gram, terms, sums = torch.from_numpy(gram), kernels.GRAM_LANE_TERMS, sums + 4  # + 4: D~'s additions
@@ -179,8 +180,8 @@ def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.T
         terms, sums = _CHUNK, sum(-(-min(_BLOCK, d - start) // _CHUNK) for start in range(0, d, _BLOCK)) + 4
     if not bool(torch.isfinite(gram).all()):
         return None
-    gamma = terms * _U32 / (1 - terms * _U32) + sums * _U64 / (1 - sums * _U64)
-    return gram, gram.diagonal().clone(), gamma
+    gamma32, gamma64 = terms * _U32 / (1 - terms * _U32), sums * _U64 / (1 - sums * _U64)
+    return gram, gram.diagonal().clone(), gamma32 + gamma64 + gamma32 * gamma64  # (1 + g32)(1 + g64) - 1
 
 
 def _float64_gram(
@@ -192,7 +193,8 @@ def _float64_gram(
     of float64 copies of its blocks and a GEMM), torch's otherwise."""
     n, d = x.shape
     gamma = (d + 8) * _U64 / (1 - (d + 8) * _U64)  # float64 products and sums of d terms in any order, D~, the norm
-    if x.device.type == "cpu" and x.is_contiguous() and kernels.library() is not None:
+    compiled = x.device.type == "cpu" and x.is_contiguous() and (rows is not None or kernels.gram_fits(n))
+    if compiled and kernels.library() is not None:
         centre = None if benign is None else x[benign].mean(dim=0).numpy()  # as _centred's, in the stack's dtype
         if rows is None:
             gram = torch.from_numpy(kernels.gram_f64(x.numpy(), centre, torch.get_num_threads()))
@@ -284,7 +286,7 @@ class _Intervals:
 def krum_select(x: torch.Tensor, num_malicious: int, keep: int) -> torch.Tensor:
     """Indices of the `keep` rows with the smallest Krum scores from exact float64 distances (keep=1: Krum's
     choice, the first row on a tie); bounds settle every row they can, the rest is computed exactly."""
-    chosen = _Intervals(x, num_malicious).select(num_malicious, keep, np.arange(x.shape[0]))
+    chosen = _Intervals(x.detach(), num_malicious).select(num_malicious, keep, np.arange(x.shape[0]))
     return torch.from_numpy(chosen).to(x.device)
 
 
@@ -292,7 +294,7 @@ def bulyan_select(x: torch.Tensor, num_malicious: int, count: int) -> torch.Tens
     """Bulyan's selection: `count` times the Krum choice among the rows not chosen yet (exact, the first on a tie).
     Its n - 2f successive choices each need a clear winner, which float32 bounds leave open on about one stage in
     three (a pass over the stack each): the float64 Gram matrix, one pass, settles nearly all of them at once."""
-    intervals = _Intervals(x, num_malicious, float32_first=False)
+    intervals = _Intervals(x.detach(), num_malicious, float32_first=False)
     alive = np.arange(x.shape[0])
     chosen = []
     for _ in range(count):

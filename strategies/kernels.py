@@ -4,10 +4,15 @@ Bulyan's coordinate step sorts a few dozen values per coordinate, a million time
 a short sort per coordinate, about 3-6x the stack's Gram product. Here a sorting network runs down the selected
 rows, many coordinates at once (SIMD min/max), on cache-sized column blocks read straight from the stack.
 
+The Gram kernels give Krum, Multi-Krum and Bulyan their bounded distances (`strategies/distances.py`) at about 0.7x
+the time of torch's float32 GEMM: the symmetric half, in registers, with float64 taking over after 32 products.
+
 The source is a string in this module, so it travels wherever the Python code does (a Flower app bundle, a wheel).
-The shared library is cached per source, compiler flags and CPU (`-march=native`) under $DITTO_KERNEL_CACHE (default
-~/.cache/ditto-flower); a process that cannot build it (no compiler, a read-only cache) logs why once and the callers
-use their numpy path, which gives the same numbers. DITTO_KERNELS=0 turns the kernels off.
+The shared library is cached per source, compiler flags and CPU (`-march=native`) in $DITTO_KERNEL_CACHE (default
+$XDG_CACHE_HOME/ditto-flower, else ~/.cache/ditto-flower); $CC names the compiler (default cc, else gcc). A process
+that cannot build it (no compiler, a failed build, a read-only cache) logs why once and the callers take their
+torch and numpy path: the same selections (and for float32 stacks the same Bulyan coordinates), slower.
+DITTO_KERNELS=0 (or false, no, off) turns the kernels off.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -238,8 +244,10 @@ static inline v16f load16(const float *p) {
 
 /* lanes[0..7] += the 16 float32 lane sums of acc, in float64 (lane l + lane l + 8). */
 static inline void flush(double *lanes, v16f acc) {
-    const v8f lo = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7);
-    const v8f hi = __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+    /* the halves element by element: __builtin_shufflevector needs GCC 12, and taking acc's address (memcpy) makes
+       GCC keep every accumulator of the tile in memory */
+    const v8f lo = {acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]};
+    const v8f hi = {acc[8], acc[9], acc[10], acc[11], acc[12], acc[13], acc[14], acc[15]};
     v8 s = load8(lanes);
     s += __builtin_convertvector(lo, v8) + __builtin_convertvector(hi, v8);
     memcpy(lanes, &s, sizeof s);
@@ -389,43 +397,48 @@ GRAM64(gram_f64_from_f64, double)
 
 
 def _cpu() -> str:
-    """What -march=native compiles for: the CPU's model and feature flags."""
+    """What -march=native compiles for: the CPU's model and features (x86: model name, flags; ARM: implementer,
+    part, features)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor() or platform.machine()
-    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
+    return platform.machine() + "\n" + "\n".join(sorted({line for line in lines if line.startswith(keys)}))
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("DITTO_KERNEL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(root) / "ditto-flower"
+    if os.environ.get("DITTO_KERNEL_CACHE"):
+        return Path(os.environ["DITTO_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ditto-flower"
 
 
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use (a second or so) and cached; None where they cannot be built or
-    DITTO_KERNELS=0."""
-    if os.environ.get("DITTO_KERNELS", "1") == "0":
+    DITTO_KERNELS turns them off. A process decides once."""
+    if os.environ.get("DITTO_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        _LOG.info("compiled kernels off (DITTO_KERNELS); using torch and numpy")
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), str(compiler), _cpu()]).encode()).hexdigest()[:16]
+    compiler = shlex.split(os.environ.get("CC") or "") or [shutil.which("cc") or shutil.which("gcc") or ""]
+    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), *compiler, _cpu()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{key}.so"
     try:
         if not target.exists():
-            if compiler is None:
+            if not compiler[0]:
                 raise OSError("no C compiler (cc or gcc) on PATH; set CC to one")
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 source, built = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
                 source.write_text(_SOURCE)
-                run = subprocess.run([compiler, *_FLAGS, "-o", str(built), str(source)], capture_output=True, text=True)
+                command = [*compiler, *_FLAGS, "-o", str(built), str(source)]
+                run = subprocess.run(command, capture_output=True, text=True, timeout=300)
                 if run.returncode != 0:
-                    raise OSError(f"{compiler} failed: {run.stderr.strip()[:500]}")
+                    raise OSError(f"{' '.join(compiler)} failed: {run.stderr.strip()[:500]}")
                 os.replace(built, target)  # atomic: processes building at once each install a whole library
         lib = ctypes.CDLL(str(target))
-    except OSError as error:
-        _LOG.warning("compiled kernels unavailable (%s); using the numpy path, same results, slower", error)
+    except (OSError, subprocess.SubprocessError) as error:
+        _LOG.warning("compiled kernels unavailable (%s); using torch and numpy: same selections, slower", error)
         return None
     lib.gram_f32.restype = ctypes.c_int
     lib.gram_f32.argtypes = [
@@ -536,11 +549,48 @@ def _ctype(x: np.ndarray) -> type:
     return ctypes.c_float if x.dtype == np.float32 else ctypes.c_double
 
 
-def _needed() -> ctypes.CDLL:
+def _needed(x: np.ndarray, name: str, dtypes: tuple = (np.float32, np.float64)) -> ctypes.CDLL:
+    """The library, after checking that x is what the C code reads: a C-contiguous 2-d array of one of `dtypes`."""
     lib = library()
     if lib is None:
         raise RuntimeError("the compiled kernels are not available: check strategies.kernels.library() first")
+    if x.ndim != 2 or not x.flags.c_contiguous or x.dtype not in dtypes or 0 in x.shape:
+        raise ValueError(
+            f"{name} reads a non-empty C-contiguous 2-d array of {'/'.join(np.dtype(t).name for t in dtypes)} "
+            f"(got {x.dtype}, shape {x.shape}, C-contiguous: {x.flags.c_contiguous}): np.ascontiguousarray it"
+        )
     return lib
+
+
+def _check_rows(rows: np.ndarray, n: int, name: str) -> np.ndarray:
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= n)):
+        raise ValueError(f"{name}: row indices must be a 1-d array in 0..{n - 1} (got {rows.tolist()[:10]})")
+    return rows
+
+
+def _check_centre(centre: np.ndarray | None, x: np.ndarray, name: str) -> np.ndarray | None:
+    if centre is None:
+        return None
+    centre = np.ascontiguousarray(centre, dtype=x.dtype)
+    if centre.shape != (x.shape[1],):
+        raise ValueError(f"{name}: the centre needs {x.shape[1]} values, one per column (got shape {centre.shape})")
+    return centre
+
+
+LANES_BUDGET = 256 << 20  # bytes of float64 lanes (64 n^2 per column range) the symmetric Grams may hold at once
+
+
+def gram_fits(n: int) -> bool:
+    """Whether `gram_f32` / `gram_f64` can take n rows within LANES_BUDGET (n up to about 2,000); else torch's."""
+    return 64 * (-(-n // 4) * 4) ** 2 <= LANES_BUDGET
+
+
+def _gram_ranges(n: int, d: int, threads: int, multiple: int) -> list[tuple[int, int]]:
+    """Column ranges for a symmetric Gram: no more at once than LANES_BUDGET holds."""
+    if not gram_fits(n):
+        raise ValueError(f"a symmetric Gram of {n} rows needs more than {LANES_BUDGET >> 20} MiB: use torch's")
+    return _column_ranges(d, max(1, min(threads, LANES_BUDGET // (64 * (-(-n // 4) * 4) ** 2))), multiple)
 
 
 def bulyan_coordinates(
@@ -548,9 +598,14 @@ def bulyan_coordinates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(float64 mean of the `beta` sorted values of x[rows, c] with the smallest reach around their median, tied
     flags) for the columns c in begin:end. x: a C-contiguous float32/float64 array without NaN."""
-    lib, ctype = _needed(), _ctype(x)
+    lib, ctype = _needed(x, "bulyan_coordinates"), _ctype(x)
     fn = lib.bulyan_coordinates_f32 if x.dtype == np.float32 else lib.bulyan_coordinates_f64
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    rows = _check_rows(rows, x.shape[0], "bulyan_coordinates")
+    if not (1 <= beta <= len(rows)) or not (0 <= begin <= end <= x.shape[1]):
+        raise ValueError(
+            f"bulyan_coordinates: needs 1 <= beta <= rows and 0 <= begin <= end <= d (got beta {beta}, "
+            f"{len(rows)} rows, columns {begin}:{end} of {x.shape[1]})"
+        )
     pairs = sorting_network(len(rows))
     out = np.empty(end - begin, dtype=np.float64)
     tied = np.empty(end - begin, dtype=np.uint8)
@@ -577,11 +632,11 @@ def gram_rows(
     """(G[rows, :], squared norms of every row) of y = x - centre in float64, in one pass over the stack read as it
     is (no float64 copy), `threads` column ranges at once. x: a C-contiguous float32/float64 n x d array; centre:
     None (zero) or d values of x's dtype. Every entry is a float64 sum of d products (within gamma_d)."""
-    lib, ctype = _needed(), _ctype(x)
+    lib, ctype = _needed(x, "gram_rows"), _ctype(x)
     fn = lib.gram_rows_f32 if x.dtype == np.float32 else lib.gram_rows_f64
     n, d = x.shape
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    centre = None if centre is None else np.ascontiguousarray(centre, dtype=x.dtype)
+    rows = _check_rows(rows, n, "gram_rows")
+    centre = _check_centre(centre, x, "gram_rows")
 
     def work(start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         out, sq = np.empty((len(rows), n), dtype=np.float64), np.empty(n, dtype=np.float64)
@@ -611,10 +666,10 @@ def direct_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Squared distances from `rows` to every row of a C-contiguous float32/float64 x by direct differences in
     float64 (the brute-force value), summed in an order that depends on the columns only: d_ij and d_ji agree bit
     for bit, whatever `rows` is and however many threads run."""
-    lib, ctype = _needed(), _ctype(x)
+    lib, ctype = _needed(x, "direct_rows"), _ctype(x)
     fn = lib.direct_rows_f32 if x.dtype == np.float32 else lib.direct_rows_f64
     n, d = x.shape
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    rows = _check_rows(rows, n, "direct_rows")
 
     def work(start: int, end: int) -> np.ndarray:
         out = np.empty((len(rows), n), dtype=np.float64)
@@ -647,9 +702,9 @@ def gram_f32(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> tupl
     C-contiguous float32 x, symmetric, from float32 products summed GRAM_LANE_TERMS at a time in float32 and then
     in float64: within gamma_32 (u = 2^-24) + gamma_terms (u = 2^-53) of sum |y_ik y_jk|, at about 0.7x the time of
     torch's float32 x @ x.T on as many threads (half the products, in registers)."""
-    lib = _needed()
+    lib = _needed(x, "gram_f32", (np.float32,))
     n, d = x.shape
-    centre = None if centre is None else np.ascontiguousarray(centre, dtype=np.float32)
+    centre = _check_centre(centre, x, "gram_f32")
 
     def work(start: int, end: int) -> np.ndarray:
         out = np.empty((n, n), dtype=np.float64)
@@ -665,7 +720,7 @@ def gram_f32(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> tupl
             raise MemoryError(f"gram_f32: no memory for the work buffers of {n} rows")
         return out
 
-    ranges = _column_ranges(d, threads, GRAM_BLOCK)
+    ranges = _gram_ranges(n, d, threads, GRAM_BLOCK)
     parts = _in_parallel(ranges, work)
     # 16 lane sums per block and range, all added in float64 (within a range, then the ranges in order)
     terms = sum(16 * -(-(end - start) // GRAM_BLOCK) for start, end in ranges)
@@ -676,10 +731,10 @@ def gram_f64(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> np.n
     """The n x n Gram matrix of y = x - centre in float64 for a C-contiguous float32 or float64 x (centre: None or
     d values of x's dtype), symmetric: float64 sums of d products, within gamma_d of sum |y_ik y_jk|, at about half
     the time of torch's float64 GEMM over float64 copies of the blocks."""
-    lib, ctype = _needed(), _ctype(x)
+    lib, ctype = _needed(x, "gram_f64"), _ctype(x)
     fn = lib.gram_f64_from_f32 if x.dtype == np.float32 else lib.gram_f64_from_f64
     n, d = x.shape
-    centre = None if centre is None else np.ascontiguousarray(centre, dtype=x.dtype)
+    centre = _check_centre(centre, x, "gram_f64")
 
     def work(start: int, end: int) -> np.ndarray:
         out = np.empty((n, n), dtype=np.float64)
@@ -695,5 +750,5 @@ def gram_f64(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> np.n
             raise MemoryError(f"gram_f64: no memory for the work buffers of {n} rows")
         return out
 
-    parts = _in_parallel(_column_ranges(d, threads, 256), work)
+    parts = _in_parallel(_gram_ranges(n, d, threads, 256), work)
     return sum(parts[1:]) + parts[0]
