@@ -396,6 +396,26 @@ GRAM64(gram_f64_from_f64, double)
 """
 
 
+_P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64  # pointers go as addresses (`_call`)
+_SIGNATURES = {  # argument types of the C functions
+    "gram": (_P, _I64, _I64, _I64, _P, _P),
+    "direct": (_P, _I64, _I64, _I64, _P, _I32, _P),
+    "rows": (_P, _I64, _I64, _I64, _P, _P, _I32, _P, _P),
+    "bulyan": (_P, _I64, _P, _I32, _I64, _I32, _P, _I32, _P, _P),
+}
+_FUNCTIONS = {
+    "gram_f32": "gram",
+    "gram_f64_from_f32": "gram",
+    "gram_f64_from_f64": "gram",
+    "direct_rows_f32": "direct",
+    "direct_rows_f64": "direct",
+    "gram_rows_f32": "rows",
+    "gram_rows_f64": "rows",
+    "bulyan_coordinates_f32": "bulyan",
+    "bulyan_coordinates_f64": "bulyan",
+}
+
+
 def _cpu() -> str:
     """What -march=native compiles for: the CPU's model and features (x86: model name, flags; ARM: implementer,
     part, features)."""
@@ -440,67 +460,10 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as error:
         _LOG.warning("compiled kernels unavailable (%s); using torch and numpy: same selections, slower", error)
         return None
-    lib.gram_f32.restype = ctypes.c_int
-    lib.gram_f32.argtypes = [
-        ctypes.POINTER(ctypes.c_float),
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.POINTER(ctypes.c_float),
-        ctypes.POINTER(ctypes.c_double),
-    ]
-    for name, ctype in (("gram_f64_from_f32", ctypes.c_float), ("gram_f64_from_f64", ctypes.c_double)):
+    for name, signature in _FUNCTIONS.items():
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.POINTER(ctype),
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.POINTER(ctype),
-            ctypes.POINTER(ctypes.c_double),
-        ]
-    for name, ctype in (("direct_rows_f32", ctypes.c_float), ("direct_rows_f64", ctypes.c_double)):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.POINTER(ctype),
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.POINTER(ctypes.c_int64),
-            ctypes.c_int32,
-            ctypes.POINTER(ctypes.c_double),
-        ]
-    for name, ctype in (("gram_rows_f32", ctypes.c_float), ("gram_rows_f64", ctypes.c_double)):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.POINTER(ctype),
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.c_int64,
-            ctypes.POINTER(ctype),
-            ctypes.POINTER(ctypes.c_int64),
-            ctypes.c_int32,
-            ctypes.POINTER(ctypes.c_double),
-            ctypes.POINTER(ctypes.c_double),
-        ]
-    for name, ctype in (("bulyan_coordinates_f32", ctypes.c_float), ("bulyan_coordinates_f64", ctypes.c_double)):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.POINTER(ctype),
-            ctypes.c_int64,
-            ctypes.POINTER(ctypes.c_int64),
-            ctypes.c_int32,
-            ctypes.c_int64,
-            ctypes.c_int32,
-            ctypes.POINTER(ctypes.c_int32),
-            ctypes.c_int32,
-            ctypes.POINTER(ctypes.c_double),
-            ctypes.POINTER(ctypes.c_uint8),
-        ]
+        fn.argtypes = list(_SIGNATURES[signature])
     return lib
 
 
@@ -540,13 +503,11 @@ def _in_parallel(ranges: list[tuple[int, int]], work: Callable[[int, int], Any])
     return list(_POOL.map(lambda r: work(*r), ranges))
 
 
-def _pointer(a: np.ndarray | None, ctype: type, offset: int = 0) -> Any:
-    """A ctypes pointer to element `offset` of a C-contiguous array (None for None)."""
-    return None if a is None else ctypes.cast(a.ctypes.data + offset * a.itemsize, ctypes.POINTER(ctype))
-
-
-def _ctype(x: np.ndarray) -> type:
-    return ctypes.c_float if x.dtype == np.float32 else ctypes.c_double
+def _call(fn: Any, what: str, *args: Any) -> None:
+    """Call a kernel: an array goes as the address of its first element (a view's: x[:, start:] points at column
+    start of row 0), None as NULL; a kernel that could not allocate its buffers returns nonzero."""
+    if fn(*(a.ctypes.data if isinstance(a, np.ndarray) else a for a in args)) != 0:
+        raise MemoryError(f"{what}: no memory for its work buffers")
 
 
 def _needed(x: np.ndarray, name: str, dtypes: tuple = (np.float32, np.float64)) -> ctypes.CDLL:
@@ -598,7 +559,7 @@ def bulyan_coordinates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(float64 mean of the `beta` sorted values of x[rows, c] with the smallest reach around their median, tied
     flags) for the columns c in begin:end. x: a C-contiguous float32/float64 array without NaN."""
-    lib, ctype = _needed(x, "bulyan_coordinates"), _ctype(x)
+    lib = _needed(x, "bulyan_coordinates")
     fn = lib.bulyan_coordinates_f32 if x.dtype == np.float32 else lib.bulyan_coordinates_f64
     rows = _check_rows(rows, x.shape[0], "bulyan_coordinates")
     if not (1 <= beta <= len(rows)) or not (0 <= begin <= end <= x.shape[1]):
@@ -609,20 +570,20 @@ def bulyan_coordinates(
     pairs = sorting_network(len(rows))
     out = np.empty(end - begin, dtype=np.float64)
     tied = np.empty(end - begin, dtype=np.uint8)
-    status = fn(
-        _pointer(x, ctype, begin),  # column `begin` of row 0; rows lie d elements apart
+    _call(
+        fn,
+        "bulyan_coordinates",
+        x[:, begin:],
         x.shape[1],
-        rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+        rows,
         len(rows),
         end - begin,
         beta,
-        pairs.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+        pairs,
         len(pairs),
-        out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
-        tied.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+        out,
+        tied,
     )
-    if status != 0:
-        raise MemoryError(f"bulyan_coordinates: no memory for a {len(rows)}-row work buffer")
     return out, tied.astype(bool)
 
 
@@ -632,7 +593,7 @@ def gram_rows(
     """(G[rows, :], squared norms of every row) of y = x - centre in float64, in one pass over the stack read as it
     is (no float64 copy), `threads` column ranges at once. x: a C-contiguous float32/float64 n x d array; centre:
     None (zero) or d values of x's dtype. Every entry is a float64 sum of d products (within gamma_d)."""
-    lib, ctype = _needed(x, "gram_rows"), _ctype(x)
+    lib = _needed(x, "gram_rows")
     fn = lib.gram_rows_f32 if x.dtype == np.float32 else lib.gram_rows_f64
     n, d = x.shape
     rows = _check_rows(rows, n, "gram_rows")
@@ -640,19 +601,8 @@ def gram_rows(
 
     def work(start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         out, sq = np.empty((len(rows), n), dtype=np.float64), np.empty(n, dtype=np.float64)
-        status = fn(
-            _pointer(x, ctype, start),
-            n,
-            end - start,
-            d,
-            _pointer(centre, ctype, start),
-            rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
-            len(rows),
-            out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
-            sq.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
-        )
-        if status != 0:
-            raise MemoryError(f"gram_rows: no memory for the work buffers of {len(rows)} rows")
+        window = None if centre is None else centre[start:]
+        _call(fn, "gram_rows", x[:, start:], n, end - start, d, window, rows, len(rows), out, sq)
         return out, sq
 
     parts = _in_parallel(_column_ranges(d, threads, 1024), work)
@@ -666,24 +616,14 @@ def direct_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Squared distances from `rows` to every row of a C-contiguous float32/float64 x by direct differences in
     float64 (the brute-force value), summed in an order that depends on the columns only: d_ij and d_ji agree bit
     for bit, whatever `rows` is and however many threads run."""
-    lib, ctype = _needed(x, "direct_rows"), _ctype(x)
+    lib = _needed(x, "direct_rows")
     fn = lib.direct_rows_f32 if x.dtype == np.float32 else lib.direct_rows_f64
     n, d = x.shape
     rows = _check_rows(rows, n, "direct_rows")
 
     def work(start: int, end: int) -> np.ndarray:
         out = np.empty((len(rows), n), dtype=np.float64)
-        status = fn(
-            _pointer(x, ctype, start),
-            n,
-            end - start,
-            d,
-            rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
-            len(rows),
-            out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
-        )
-        if status != 0:
-            raise MemoryError(f"direct_rows: no memory for the work buffers of {len(rows)} rows")
+        _call(fn, "direct_rows", x[:, start:], n, end - start, d, rows, len(rows), out)
         return out
 
     parts = _in_parallel([(start, min(start + DIRECT_RANGE, d)) for start in range(0, d, DIRECT_RANGE)], work)
@@ -708,16 +648,9 @@ def gram_f32(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> tupl
 
     def work(start: int, end: int) -> np.ndarray:
         out = np.empty((n, n), dtype=np.float64)
-        status = lib.gram_f32(
-            _pointer(x, ctypes.c_float, start),
-            n,
-            end - start,
-            d,
-            _pointer(centre, ctypes.c_float, start),
-            out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+        _call(
+            lib.gram_f32, "gram_f32", x[:, start:], n, end - start, d, None if centre is None else centre[start:], out
         )
-        if status != 0:
-            raise MemoryError(f"gram_f32: no memory for the work buffers of {n} rows")
         return out
 
     ranges = _gram_ranges(n, d, threads, GRAM_BLOCK)
@@ -731,23 +664,14 @@ def gram_f64(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> np.n
     """The n x n Gram matrix of y = x - centre in float64 for a C-contiguous float32 or float64 x (centre: None or
     d values of x's dtype), symmetric: float64 sums of d products, within gamma_d of sum |y_ik y_jk|, at about half
     the time of torch's float64 GEMM over float64 copies of the blocks."""
-    lib, ctype = _needed(x, "gram_f64"), _ctype(x)
+    lib = _needed(x, "gram_f64")
     fn = lib.gram_f64_from_f32 if x.dtype == np.float32 else lib.gram_f64_from_f64
     n, d = x.shape
     centre = _check_centre(centre, x, "gram_f64")
 
     def work(start: int, end: int) -> np.ndarray:
         out = np.empty((n, n), dtype=np.float64)
-        status = fn(
-            _pointer(x, ctype, start),
-            n,
-            end - start,
-            d,
-            _pointer(centre, ctype, start),
-            out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
-        )
-        if status != 0:
-            raise MemoryError(f"gram_f64: no memory for the work buffers of {n} rows")
+        _call(fn, "gram_f64", x[:, start:], n, end - start, d, None if centre is None else centre[start:], out)
         return out
 
     parts = _in_parallel(_gram_ranges(n, d, threads, 256), work)
