@@ -84,7 +84,7 @@ def direct_sq_distances(x: torch.Tensor, rows: torch.Tensor | None = None) -> to
     value, summed in the same order whatever `rows` is, so d_ij and d_ji agree bit for bit."""
     x = x.detach()  # the numpy views below cannot hold a graph; distances are never differentiated
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-    if x.device.type == "cpu" and x.is_contiguous() and kernels.library() is not None:
+    if _compiled(x):
         return torch.from_numpy(kernels.direct_rows(x.numpy(), rows.numpy()))  # one pass, no float64 copies
     n = x.shape[0]
     out = torch.zeros(len(rows), n, dtype=torch.float64, device=x.device)
@@ -153,15 +153,27 @@ def _bounds(
     return (dist - bound).clamp_min_(0.0), dist + bound
 
 
+def _compiled(x: torch.Tensor, symmetric: int = 0) -> bool:
+    """Whether `kernels` can take this stack: on the CPU, contiguous (the C code reads rows d apart), a symmetric
+    Gram of `symmetric` rows (0: none) within its memory budget, and a library built."""
+    return (
+        x.device.type == "cpu" and x.is_contiguous() and kernels.gram_fits(symmetric) and kernels.library() is not None
+    )
+
+
+def _centre_values(x: torch.Tensor, benign: torch.Tensor | None) -> np.ndarray | None:
+    """The centre of `_centred` for every column at once, in the stack's dtype (None: zero), for the kernels."""
+    return None if benign is None else x[benign].mean(dim=0).numpy()
+
+
 def _float32_gram(x: torch.Tensor, benign: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(Gram matrix, squared norms, gamma) of fl(x - centre) from float32 products summed in float64 after a few
     terms, or None where the float32 route does not hold (reduced-precision matmul, an overflow). The compiled
     `kernels.gram_f32` sums 32 products per float32 lane (at 0.7x a float32 GEMM's time, bounds 8x tighter);
     torch's batched GEMMs sum chunks of `_CHUNK` columns (about 1.2x)."""
     n, d = x.shape
-    if x.device.type == "cpu" and x.is_contiguous() and kernels.gram_fits(n) and kernels.library() is not None:
-        centre = None if benign is None else x[benign].mean(dim=0).numpy()  # as _centred's, in float32
-        gram, sums = kernels.gram_f32(x.numpy(), centre, torch.get_num_threads())
+    if _compiled(x, n):
+        gram, sums = kernels.gram_f32(x.numpy(), _centre_values(x, benign), torch.get_num_threads())
         gram, terms, sums = torch.from_numpy(gram), kernels.GRAM_LANE_TERMS, sums + 4  # + 4: D~'s additions
     elif torch.get_float32_matmul_precision() != "highest":
         return None  # products may be rounded to bfloat16: gamma_c would not hold
@@ -193,9 +205,8 @@ def _float64_gram(
     of float64 copies of its blocks and a GEMM), torch's otherwise."""
     n, d = x.shape
     gamma = (d + 8) * _U64 / (1 - (d + 8) * _U64)  # float64 products and sums of d terms in any order, D~, the norm
-    compiled = x.device.type == "cpu" and x.is_contiguous() and (rows is not None or kernels.gram_fits(n))
-    if compiled and kernels.library() is not None:
-        centre = None if benign is None else x[benign].mean(dim=0).numpy()  # as _centred's, in the stack's dtype
+    if _compiled(x, n if rows is None else 0):
+        centre = _centre_values(x, benign)
         if rows is None:
             gram = torch.from_numpy(kernels.gram_f64(x.numpy(), centre, torch.get_num_threads()))
             return gram, gram.diagonal().clone(), gamma

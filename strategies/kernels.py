@@ -496,11 +496,14 @@ def _column_ranges(d: int, threads: int, multiple: int) -> list[tuple[int, int]]
     return [(start, min(start + step, d)) for start in range(0, d, step)]
 
 
-def _in_parallel(ranges: list[tuple[int, int]], work: Callable[[int, int], Any]) -> list:
-    """work(start, end) per column range, on the pool when there are several; results in range order."""
-    if len(ranges) == 1:
-        return [work(*ranges[0])]
-    return list(_POOL.map(lambda r: work(*r), ranges))
+def _summed(ranges: list[tuple[int, int]], work: Callable[[int, int], Any]) -> Any:
+    """The sum of work(start, end) over the column ranges (an array, or a tuple of arrays added element by element),
+    run on the pool where there are several and added in range order: the result depends on the ranges only."""
+    parts = [work(*ranges[0])] if len(ranges) == 1 else list(_POOL.map(lambda r: work(*r), ranges))
+    total = parts[0]
+    for part in parts[1:]:
+        total = tuple(a + b for a, b in zip(total, part)) if isinstance(total, tuple) else total + part
+    return total
 
 
 def _call(fn: Any, what: str, *args: Any) -> None:
@@ -542,16 +545,21 @@ def _check_centre(centre: np.ndarray | None, x: np.ndarray, name: str) -> np.nda
 LANES_BUDGET = 256 << 20  # bytes of float64 lanes (64 n^2 per column range) the symmetric Grams may hold at once
 
 
+def _lanes_bytes(n: int) -> int:
+    """Bytes of float64 lanes a symmetric Gram of n rows holds per column range: 8 per pair of 4-row-tiled rows."""
+    return 64 * (-(-n // 4) * 4) ** 2
+
+
 def gram_fits(n: int) -> bool:
     """Whether `gram_f32` / `gram_f64` can take n rows within LANES_BUDGET (n up to about 2,000); else torch's."""
-    return 64 * (-(-n // 4) * 4) ** 2 <= LANES_BUDGET
+    return _lanes_bytes(n) <= LANES_BUDGET
 
 
 def _gram_ranges(n: int, d: int, threads: int, multiple: int) -> list[tuple[int, int]]:
     """Column ranges for a symmetric Gram: no more at once than LANES_BUDGET holds."""
     if not gram_fits(n):
         raise ValueError(f"a symmetric Gram of {n} rows needs more than {LANES_BUDGET >> 20} MiB: use torch's")
-    return _column_ranges(d, max(1, min(threads, LANES_BUDGET // (64 * (-(-n // 4) * 4) ** 2))), multiple)
+    return _column_ranges(d, max(1, min(threads, LANES_BUDGET // _lanes_bytes(n))), multiple)
 
 
 def bulyan_coordinates(
@@ -605,8 +613,7 @@ def gram_rows(
         _call(fn, "gram_rows", x[:, start:], n, end - start, d, window, rows, len(rows), out, sq)
         return out, sq
 
-    parts = _in_parallel(_column_ranges(d, threads, 1024), work)
-    return sum(p[0] for p in parts[1:]) + parts[0][0], sum(p[1] for p in parts[1:]) + parts[0][1]
+    return _summed(_column_ranges(d, threads, 1024), work)
 
 
 DIRECT_RANGE = 1 << 16  # columns per parallel range of `direct_rows`: fixed, so the sum order never depends on threads
@@ -626,11 +633,7 @@ def direct_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         _call(fn, "direct_rows", x[:, start:], n, end - start, d, rows, len(rows), out)
         return out
 
-    parts = _in_parallel([(start, min(start + DIRECT_RANGE, d)) for start in range(0, d, DIRECT_RANGE)], work)
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
+    return _summed([(start, min(start + DIRECT_RANGE, d)) for start in range(0, d, DIRECT_RANGE)], work)
 
 
 GRAM_LANE_TERMS = 32  # products each float32 lane of `gram_f32` sums before float64 takes over (BC / 16)
@@ -654,10 +657,9 @@ def gram_f32(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> tupl
         return out
 
     ranges = _gram_ranges(n, d, threads, GRAM_BLOCK)
-    parts = _in_parallel(ranges, work)
     # 16 lane sums per block and range, all added in float64 (within a range, then the ranges in order)
     terms = sum(16 * -(-(end - start) // GRAM_BLOCK) for start, end in ranges)
-    return sum(parts[1:]) + parts[0], terms
+    return _summed(ranges, work), terms
 
 
 def gram_f64(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> np.ndarray:
@@ -674,5 +676,4 @@ def gram_f64(x: np.ndarray, centre: np.ndarray | None, threads: int = 1) -> np.n
         _call(fn, "gram_f64", x[:, start:], n, end - start, d, None if centre is None else centre[start:], out)
         return out
 
-    parts = _in_parallel(_gram_ranges(n, d, threads, 256), work)
-    return sum(parts[1:]) + parts[0]
+    return _summed(_gram_ranges(n, d, threads, 256), work)
