@@ -72,11 +72,13 @@ def check_stack(updates: torch.Tensor, num_malicious: int, rule: str) -> None:
 
 def krum_scores(dist: np.ndarray, num_malicious: int) -> np.ndarray:
     """Krum score of each row of `dist` (rows x n, each row's own entry its smallest): the sum of squared distances
-    to its n - f - 2 nearest other rows, summed in sorted order (so equal neighbour sets give equal scores). numpy:
-    on the small matrices of the selection loop its sort is 2-3x faster than torch's topk, per call."""
+    to its n - f - 2 nearest other rows, the sorted values summed by torch, as the brute-force reference sums them
+    (where huge rows make exact scores unrepresentable, the order of the sum decides near-ties). numpy sorts: on
+    the small matrices of the selection loop it is 2-3x faster than torch's topk, per call."""
     n = dist.shape[1]
     k = min(max(1, n - num_malicious - 2), n - 1)  # at least one neighbour, as Flower (matters inside Bulyan)
-    return np.sort(dist, axis=1)[:, 1 : k + 1].sum(axis=1)  # the row itself sorts first
+    nearest = torch.from_numpy(np.sort(dist, axis=1))[:, 1 : k + 1]  # the row itself sorts first
+    return nearest.sum(dim=1).numpy()
 
 
 def direct_sq_distances(x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -192,3 +192,13 @@ def test_bounds_hold_after_tightening_across_column_blocks(monkeypatch: pytest.M
         assert bool((intervals.level[rows] == 1).all())
         exact, off = _brute(x), ~torch.eye(len(x), dtype=torch.bool)
         assert bool((intervals.lower[off] <= exact[off]).all() and (exact[off] <= intervals.upper[off]).all())
+
+
+def test_huge_rows_leave_near_ties_to_the_references_sum_order(route: str) -> None:
+    """Rows scaled by 1e8 make the exact scores unrepresentable: two of them differ only by how the float64 sum
+    rounds, so the scores must be summed as the brute-force reference sums them (numpy's pairwise sum picked row 8
+    before row 4 here)."""
+    pool, picks = [[-3, 1], [-2, -1], [0, 0]], [0, 0, 0, 0, 0, 0, 1, 0, 1, 2]
+    x = torch.tensor([pool[i] for i in picks], dtype=torch.float64)
+    x[[0, 1, 6]] *= 1e8
+    assert bulyan_select(x, 1, 8).tolist() == _brute_bulyan(x, 1) == [2, 3, 4, 8, 5, 7, 0, 1]
