@@ -21,7 +21,8 @@ baselines; on clean data they are at least as accurate and fair. The paper compa
 baselines and tunes λ. So, per setting and Ditto model (λ = auto, and the best fixed λ of the grid, tuned on test
 as the paper does), accuracy is tested against the setting's most accurate baseline and the std against its
 fairest one, each by the paired difference Ditto − baseline over seeds (same seed: same federation, attackers and
-sampling) and its 95 % t-interval. Outcome:
+sampling) and its 95 % t-interval. Only baselines paired with Ditto on the setting's most seeds are candidates: the
+mean of an arm whose sweep is unfinished is over other seeds (its comparisons are still in table.md). Outcome:
 
 - holds: both differences favour Ditto and both intervals exclude 0;
 - partly: one does, the other interval contains 0;
@@ -59,7 +60,8 @@ def claims(summary: pd.DataFrame, pairs: pd.DataFrame, setting: list[str]) -> pd
     rows = []
     means = summary.set_index([*setting, "label"]) if setting else summary.set_index("label")
     for key, group in _groups(pairs, setting):
-        baselines = group["baseline"].unique()
+        seeds = group.groupby("baseline")["n_seeds"].max()
+        baselines = seeds.index[seeds == seeds.max()]  # an unfinished arm's mean is over other seeds: not comparable
         stats = means.loc[[(*key, b) if setting else b for b in baselines]].set_axis(baselines)
         if stats[ACC].isna().all() or stats[STD].isna().all():
             continue  # no baseline has a mean: nothing to compare with

@@ -162,6 +162,21 @@ def test_a_baseline_without_a_mean_is_never_the_strongest() -> None:
     assert rows["acc_baseline"].tolist() == ["global (median)"] and rows["std_baseline"].tolist() == ["global (median)"]
 
 
+def test_a_baseline_on_fewer_seeds_is_never_the_strongest() -> None:
+    """An unfinished sweep: Multi-Krum on 2 of 5 seeds has the higher mean, but over other seeds than Ditto's."""
+    summary = pd.DataFrame(
+        [
+            {**KEY, "label": "global (median)", "benign_acc": 0.7, "benign_std_acc": 0.2},
+            {**KEY, "label": "global (multikrum)", "benign_acc": 0.9, "benign_std_acc": 0.1},
+        ]
+    )
+    partial = {**_pair("ditto λ=auto (mean)", "global (multikrum)", 0.0, "n.s.", 0.0, "n.s."), "n_seeds": 2}
+    pairs = pd.DataFrame([_pair("ditto λ=auto (mean)", "global (median)", 0.1, "better", -0.1, "better"), partial])
+    rows = claims(summary, pairs, SETTING)
+    assert rows["acc_baseline"].tolist() == ["global (median)"] and rows["std_baseline"].tolist() == ["global (median)"]
+    assert rows["outcome"].tolist() == ["holds"] and rows["n_seeds"].tolist() == [5]
+
+
 def test_clean_data_named_by_the_runs_when_the_attack_is_not_a_setting_column() -> None:
     summary = pd.DataFrame([{"label": "global (median)", "benign_acc": 0.9, "benign_std_acc": 0.2}])
     pair = _pair("ditto λ=auto (mean)", "global (median)", 0.0, "n.s.", 0.0, "n.s.")
