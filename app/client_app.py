@@ -1,14 +1,13 @@
 """ClientApp: one device of the federation. `fit` runs the method's local round (Ditto: the global step and the
 personal step on the same mini-batches, w^t fixed as the prox centre) and returns the global update; a personal model
-is kept as the device's own state (app/persistence.py: Flower's `context.state`, or a folder on the device's disk that
-survives restarts) and never leaves the device. `evaluate` scores the received global model and the personal model
-on the device's own test split. What a method trains and scores is its object's hooks (app/methods/). Malicious
-devices apply the configured attack."""
+is kept as the device's own state (app/records/persistence.py: Flower's `context.state`, or a folder on the device's
+disk that survives restarts) and never leaves the device. `evaluate` scores the received global model and the
+personal model on the device's own test split. What a method trains and scores is its object's hooks (app/methods/).
+Malicious devices apply the configured attack."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +17,21 @@ from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import NDArrays, Scalar
 from omegaconf import DictConfig
 
-from app import ditto
-from app.attacks import attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels
-from app.config import config_from_overrides
-from app.data import load_federation
-from app.device import resolve_device, set_deterministic
+from app.config.compose import config_from_overrides
+from app.data.federation import load_federation
 from app.methods import METHODS
-from app.models import build_model, get_weights, objective, set_weights
-from app.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
-from app.rogue import rogue_client
+from app.records.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
+from app.rng import Stream, round_generator, seed_global_rng
+from app.threats.attacks import attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels
+from app.threats.rogue import rogue_client
+from app.training.compute import resolve_accelerator, set_deterministic
+from app.training.lam import LamPlan, device_plan
+from app.training.models import build_model, get_weights, objective, set_weights
+from app.training.steps import evaluate
 
-DeviceTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ditto.Lam]
+DeviceTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LamPlan]
 _PLACED: OrderedDict[tuple[DictConfig, int, str], DeviceTensors] = OrderedDict()
-PLACED_DEVICES = 256  # devices whose tensors one process keeps on its compute device (least recently used out)
+PLACED_DEVICES = 256  # devices whose tensors one process keeps on its accelerator (least recently used out)
 
 
 def _prepared_data(cfg: DictConfig, partition_id: int) -> DeviceTensors:
@@ -38,30 +39,30 @@ def _prepared_data(cfg: DictConfig, partition_id: int) -> DeviceTensors:
     of a malicious device, fixed for the run), on the CPU."""
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
     data = federation.devices[partition_id]
-    x_train, y_train, lam = ditto.device_lam(cfg, partition_id, data.x_train, data.y_train)
+    keeps_personal = METHODS[cfg.method.name].keeps_personal
+    x_train, y_train, plan = device_plan(cfg, partition_id, data.x_train, data.y_train, keeps_personal)
     if partition_id in attackers(cfg) and corrupts_labels(cfg.attack):
         y_train = run_poisoned_labels(y_train, federation.num_classes, cfg.seed, partition_id)
-    return x_train, y_train, data.x_test, data.y_test, lam
+    return x_train, y_train, data.x_test, data.y_test, plan
 
 
-def placed_data(cfg: DictConfig, partition_id: int, device: torch.device) -> DeviceTensors:
-    """`_prepared_data` on `device`, moved there once per process and reused by every later message (a ClientApp
+def placed_data(cfg: DictConfig, partition_id: int, accelerator: torch.device) -> DeviceTensors:
+    """`_prepared_data` on `accelerator`, moved there once per process and reused by every later message (a ClientApp
     builds a new client per message): no host-to-device copy of a device's data per round or per batch."""
-    key = (cfg, partition_id, str(device))
+    key = (cfg, partition_id, str(accelerator))
     if key in _PLACED:
         _PLACED.move_to_end(key)
         return _PLACED[key]
-    *tensors, lam = _prepared_data(cfg, partition_id)
-    if isinstance(lam, ditto.LamSearch):
-        lam = replace(lam, x_val=lam.x_val.to(device), y_val=lam.y_val.to(device))
-    _PLACED[key] = placed = (*(t.to(device) for t in tensors), lam)
+    *tensors, plan = _prepared_data(cfg, partition_id)
+    _PLACED[key] = placed = (*(t.to(accelerator) for t in tensors), plan.to(accelerator))
     while len(_PLACED) > PLACED_DEVICES:
         _PLACED.popitem(last=False)
     return placed
 
 
-class DittoClient(NumPyClient):
-    """Device `partition_id`; `store` keeps its personal state between rounds (app/persistence.py)."""
+class DeviceClient(NumPyClient):
+    """Device `partition_id` running the configured method (app/methods/); `store` keeps its personal state between
+    rounds (app/records/persistence.py). The methods read it through `app.methods.base.Device`."""
 
     def __init__(self, cfg: DictConfig, partition_id: int, store: PersonalStore) -> None:
         self.cfg = cfg
@@ -72,20 +73,22 @@ class DittoClient(NumPyClient):
         self.method = METHODS[cfg.method.name](cfg)
         self.malicious = partition_id in attackers(cfg)
         self.objective = objective(cfg.dataset)
-        self.device = resolve_device(str(cfg.device))
+        self.accelerator = resolve_accelerator(str(cfg.accelerator))
         self._build = lambda: build_model(
             cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed
-        ).to(self.device)
-        self.x_train, self.y_train, self.x_test, self.y_test, self.lam = placed_data(cfg, partition_id, self.device)
+        ).to(self.accelerator)
+        self.x_train, self.y_train, self.x_test, self.y_test, self.plan = placed_data(
+            cfg, partition_id, self.accelerator
+        )
 
-    def generator(self, server_round: int, stream: ditto.Stream) -> torch.Generator:
-        """This device's random stream `stream` of round `server_round` (ditto.Stream)."""
-        return ditto.round_generator(self.cfg.seed, self.partition_id, server_round, stream)
+    def generator(self, server_round: int, stream: Stream) -> torch.Generator:
+        """This device's random stream `stream` of round `server_round` (Stream)."""
+        return round_generator(self.cfg.seed, self.partition_id, server_round, stream)
 
     def _personal_models(self, state: DeviceState | None) -> list[torch.nn.Module]:
-        """The stored personal models (one per lam of a lam list; the state holds their arrays one model after
-        another), or the initial global model where this device never trained."""
-        count = len(self.lam) if isinstance(self.lam, tuple) else 1
+        """The stored personal models, one per entry of the lam plan (the state holds their arrays one model after
+        another), each the initial global model where this device never trained."""
+        count = len(self.plan.lams)
         models = [self._build() for _ in range(count)]
         if state is not None:
             n = len(state.personal) // count
@@ -98,19 +101,19 @@ class DittoClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         server_round = int(config["server_round"])
-        ditto.seed_global_rng(self.cfg.seed, self.partition_id, server_round)
+        seed_global_rng(self.cfg.seed, self.partition_id, server_round)
         global_model = self._build()
         set_weights(global_model, parameters)
         metrics: dict[str, Scalar] = {"partition_id": self.partition_id, **self.method.fit_metrics(self, global_model)}
         keeps = self.method.keeps_personal
         stored = self.store.load(upto=server_round - 1) if keeps else None
-        personal = self._personal_models(stored) if keeps else []
+        personal = self._personal_models(stored)
         steps = dict(
             steps=self.cfg.local_steps,
             batch_size=self.cfg.batch_size,
             lr=float(self.cfg.lr),
             loss_fn=self.objective,
-            generator=self.generator(server_round, ditto.Stream.BATCHES),
+            generator=self.generator(server_round, Stream.BATCHES),
         )
         chosen = self.method.train_round(self, global_model, personal, steps)
         if keeps:
@@ -133,7 +136,7 @@ class DittoClient(NumPyClient):
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         model = self._build()
         set_weights(model, parameters)
-        correct, loss = ditto.evaluate(model, self.x_test, self.y_test, self.objective)
+        correct, loss = evaluate(model, self.x_test, self.y_test, self.objective)
         metrics: dict[str, Scalar] = {
             "partition_id": self.partition_id,
             "n_train": len(self.y_train),
@@ -144,9 +147,9 @@ class DittoClient(NumPyClient):
         server_round = int(config.get("server_round", 0))
         keeps = self.method.keeps_personal
         stored = self.store.load(upto=server_round) if keeps else None
-        personal = self._personal_models(stored) if keeps else []
+        personal = self._personal_models(stored)
         for kind, scored in self.method.evaluated(self, model, personal, server_round).items():
-            metrics[f"correct_{kind}"], metrics[f"loss_{kind}"] = ditto.evaluate(
+            metrics[f"correct_{kind}"], metrics[f"loss_{kind}"] = evaluate(
                 scored, self.x_test, self.y_test, self.objective
             )
         if keeps:  # the round its personal model last trained in (0: never), how often
@@ -188,12 +191,13 @@ def make_client_fn(cfg: DictConfig | None = None, out_dir: Path | None = None): 
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # one Ray actor per core: no oversubscription
-        run_cfg = cfg if cfg is not None else config_from_overrides(str(context.run_config.get("overrides", "")))
+        overrides = str(context.run_config.get("overrides", ""))
+        run_cfg = cfg if cfg is not None else config_from_overrides(overrides, client=True)
         set_deterministic(bool(run_cfg.deterministic))
         run_out = out_dir if cfg is not None else (str(context.run_config.get("output-dir", "")).strip() or None)
         pid = _partition_id(context, run_cfg)
-        client = DittoClient(run_cfg, pid, personal_store(context, run_cfg, pid, run_out))
-        rogue = str(context.node_config.get("rogue", ""))  # chaos tests: a node that lies on purpose (app/rogue.py)
+        client = DeviceClient(run_cfg, pid, personal_store(context, run_cfg, pid, run_out))
+        rogue = str(context.node_config.get("rogue", ""))  # chaos tests: a node that lies on purpose (threats/rogue.py)
         return (rogue_client(client, rogue) if rogue else client).to_client()
 
     return client_fn

@@ -14,20 +14,23 @@ from flwr.common.logger import log
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig, SimpleClientManager
 from flwr.server.history import History
 from flwr.server.server import fit_clients
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from app.attacks import aggregator_f, attackers, threat_model
-from app.config import EXECUTION_KEYS, check_flwr_run, config_from_overrides, differing_keys, dotted
-from app.data import load_federation
-from app.device import resolve_device, set_deterministic
-from app.ditto import trained_count
+from app.config.compose import config_from_overrides
+from app.config.keys import EXECUTION_KEYS, differing_keys, dotted
+from app.config.validate import check_flwr_run
+from app.data.federation import load_federation
 from app.methods import METHODS
-from app.models import build_model, get_weights
-from app.persistence import Checkpoint, load_checkpoint, save_checkpoint
-from app.progress import Progress, show_flower
-from app.results import RunRecorder, required_metrics
-from strategies import RobustStrategy, build_aggregator
+from app.records.persistence import Checkpoint, load_checkpoint, save_checkpoint
+from app.records.progress import Progress, show_flower
+from app.records.results import RunRecorder
+from app.threats.attacks import aggregator_f, attackers, threat_model
+from app.training.compute import resolve_accelerator, set_deterministic
+from app.training.lam import plan_kinds, trained_count
+from app.training.models import build_model, get_weights
 from strategies.identity import load_device_keys
+from strategies.robust import RobustStrategy
+from strategies.rules.registry import build_aggregator
 
 
 class ResultsServer(Server):
@@ -35,8 +38,8 @@ class ResultsServer(Server):
     the seams it offers: `resume` restores the checkpoint of the run's folder, hands its global model to the loop
     as the strategy's initial parameters and skips the rounds it already holds; a checkpoint (every
     `checkpoint_every` rounds and after the last) and the progress line follow each round's federated evaluation,
-    the last step of Flower's round; the run's results are written when the loop returns. tests/test_flower_seams.py
-    checks these assumptions about Flower's loop."""
+    the last step of Flower's round; the run's results are written when the loop returns.
+    tests/contracts/test_flower_seams.py checks these assumptions about Flower's loop."""
 
     def __init__(self, strategy: RobustStrategy, recorder: RunRecorder, cfg: DictConfig) -> None:
         super().__init__(client_manager=SimpleClientManager(), strategy=strategy)
@@ -89,7 +92,7 @@ class ResultsServer(Server):
         """Flower's `Server.fit_round` (flwr/server/server.py lines 205-249, 1.41.0-1.42.0) without its log lines, whose
         count of available nodes (`num_available()`) re-lists the whole federation through the grid every round
         (the strategy logs the round itself); a round the resumed checkpoint holds is skipped. A copy:
-        tests/test_flower_seams.py fails when Flower's original changes."""
+        tests/contracts/test_flower_seams.py fails when Flower's original changes."""
         if server_round <= self.resumed:
             return None
         instructions = self.strategy.configure_fit(
@@ -135,14 +138,13 @@ def check_resumable(saved: dict, current: dict) -> None:
 
 
 def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
-    """The strategy and server for one run of `cfg`, writing into `out_dir`; aggregation runs on `cfg.device` as
-    this process resolves it (app/device.py)."""
+    """The strategy and server for one run of `cfg`, writing into `out_dir`; aggregation runs on `cfg.accelerator` as
+    this process resolves it (app/training/compute.py)."""
     set_deterministic(bool(cfg.deterministic))
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
     model = build_model(cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed)
     malicious = attackers(cfg)
     f = aggregator_f(cfg)
-    lams = list(cfg.method.lam) if isinstance(cfg.method.get("lam"), ListConfig) else None  # a lam-list run
     sizes = None
     if cfg.sampling == "size":  # the devices' training counts as each client trains on them
         sizes = [trained_count(len(d.y_train), cfg.method) for d in federation.devices]
@@ -164,8 +166,8 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         max_update_norm=None if cfg.max_update_norm is None else float(cfg.max_update_norm),
         sample_sizes=sizes,
         device_keys=None if cfg.device_keys is None else load_device_keys(Path(cfg.device_keys), cfg.num_clients),
-        evaluation_keys=required_metrics(METHODS[cfg.method.name], lams),
-        device=resolve_device(str(cfg.device)),
+        evaluation_keys=METHODS[cfg.method.name].required_metrics(plan_kinds(cfg.method)),
+        accelerator=resolve_accelerator(str(cfg.accelerator)),
     )
     return ServerAppComponents(
         server=ResultsServer(strategy, recorder, cfg),

@@ -36,8 +36,8 @@ import torch
 from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum, aggregate_median, aggregate_trimmed_avg
 from scipy.linalg.blas import ssyrk
 
-from strategies import kernels
-from strategies.aggregators import AGGREGATORS
+from strategies.rules import kernels
+from strategies.rules.registry import AGGREGATORS
 
 FLOWER: dict[str, Callable[[list, int], object]] = {
     "median": lambda results, f: aggregate_median(results),

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from app.config import compose_config
-from app.simulate import simulate
+from app.config.compose import compose_config
+from app.runners.simulate import simulate
 from benchmarks.overhead import WORKLOAD
 from strategies.sampling import evaluates
 

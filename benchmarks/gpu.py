@@ -1,4 +1,4 @@
-"""GPU benchmark: Ditto's simulation against a plain PyTorch loop on the same device, and robust aggregation on the
+"""GPU benchmark: Ditto's simulation against a plain PyTorch loop on the same accelerator, and robust aggregation on the
 GPU against the CPU and Flower's functions, all measured side by side in one run.
 
     python -m benchmarks.gpu            # a GPU machine: the sizes of the issue (about 4 minutes on one GPU)
@@ -6,7 +6,7 @@ GPU against the CPU and Flower's functions, all measured side by side in one run
 
 1. Ditto on the CIFAR-shaped workload (dataset=fake_images, the paper's CNN `cnn_cifar`, 100 devices, 10 per round,
    10 local steps of batch 32): the simulation's rounds against benchmarks/overhead.py's plain loop doing the same
-   SGD steps on the same device (`timed_plain`, `timed_simulation`), once per GPU share per client actor
+   SGD steps on the same accelerator (`timed_plain`, `timed_simulation`), once per GPU share per client actor
    (`client_num_gpus`), with the GPU's mean and peak utilisation (nvidia-smi, sampled every 0.2 s) over each run.
    The best share is the one with the fastest rounds.
 2. Robust aggregation of an n x d float32 stack (n = 100, d = 1e7; --quick: 20 x 1e5), f = (n - 3) // 4: ours on
@@ -26,10 +26,10 @@ import threading
 
 import torch
 
-from app.config import compose_config
+from app.config.compose import compose_config
 from benchmarks.aggregators import FLOWER, _best, flower
 from benchmarks.overhead import timed_plain, timed_simulation
-from strategies.aggregators import AGGREGATORS
+from strategies.rules.registry import AGGREGATORS
 
 CUDA = torch.cuda.is_available()
 WORKLOAD = [
@@ -90,8 +90,8 @@ def progress(row: str) -> str:
 
 def ditto_rows(quick: bool) -> list[str]:
     """Part 1: the plain loop once, then the simulation per GPU share (CPU: share 0 only)."""
-    device = "cuda" if CUDA else "cpu"
-    base = [*WORKLOAD, *(QUICK if quick else []), f"device={device}"]
+    accelerator = "cuda" if CUDA else "cpu"
+    base = [*WORKLOAD, *(QUICK if quick else []), f"accelerator={accelerator}"]
     print(f"workload: {' '.join(base)}", flush=True)
     threads = torch.get_num_threads()
     with Utilisation() as busy:
@@ -212,12 +212,12 @@ def main() -> None:
     parser.add_argument("--skip-ditto", action="store_true", help="only the aggregation part")
     args = parser.parse_args()
     name = torch.cuda.get_device_name(0) if CUDA else "no CUDA device (CPU columns only)"
-    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    print(f"accelerator: {name}; torch {torch.__version__}", flush=True)
     table = (
         []
         if args.skip_ditto
         else [
-            "Ditto, simulation vs plain loop on the same device",
+            "Ditto, simulation vs plain loop on the same accelerator",
             f"{'':<34}{'seconds':>9}{'ratio':>9}{'GPU mean/peak':>14}",
             *ditto_rows(args.quick),
             "",

@@ -5,14 +5,14 @@
     python -m benchmarks.overhead --stock              # also on Flower's engine as it ships, in the same run
 
 The reference loop keeps every model in memory and performs exactly the simulation's SGD steps: the same sampled
-devices (strategies/sampling.py), mini-batches and label poisoning (app/ditto.py's round_generator streams), the
-same Ditto round (app/ditto.py's local_round), the same aggregator and the same evaluations, with no Flower, no Ray,
-no messages and no stored state. It prints both times, their ratio and both runs' final metrics (which agree).
-The simulation's time is split into start-up and shutdown (Ray, Flower, the actors, until every device has
+devices (strategies/sampling.py), mini-batches and label poisoning (app/training/steps.py's round_generator streams),
+the same Ditto round (app/training/steps.py's local_round), the same aggregator and the same evaluations, with no
+Flower, no Ray, no messages and no stored state. It prints both times, their ratio and both runs' final metrics (which
+agree). The simulation's time is split into start-up and shutdown (Ray, Flower, the actors, until every device has
 connected and been identified by the strategy, plus everything after the last round) and the rounds. The reference
 runs first, on one torch thread (its tensors are tiny: more threads only add synchronisation); then the simulation,
-with one Ray actor per core, one torch thread each. Both compute on `device` (app/device.py: the GPU where there is
-one), the reference with every device's data placed there once, as the simulation's clients do;
+with one Ray actor per core, one torch thread each. Both compute on `accelerator` (app/training/compute.py: the GPU
+where there is one), the reference with every device's data placed there once, as the simulation's clients do;
 benchmarks/gpu.py reuses `timed_plain` and `timed_simulation` on a GPU.
 """
 
@@ -29,15 +29,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from app import ditto
-from app.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels
-from app.config import compose_config
-from app.data import load_federation
-from app.device import resolve_device
-from app.metrics import accuracy_summary
-from app.models import build_model, get_weights, objective, set_weights
-from strategies.aggregators import build_aggregator
+from app.config.compose import compose_config
+from app.data.federation import load_federation
+from app.records.metrics import accuracy_summary
+from app.rng import Stream, round_generator, seed_global_rng
+from app.threats.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels
+from app.training.compute import resolve_accelerator
+from app.training.models import build_model, get_weights, objective, set_weights
+from app.training.steps import evaluate, local_round
 from strategies.robust import flatten, unflatten
+from strategies.rules.registry import build_aggregator
 from strategies.sampling import evaluates, sample_devices
 
 WORKLOAD = [
@@ -60,30 +61,30 @@ def plain_ditto(cfg: DictConfig) -> dict:
     malicious = attackers(cfg)
     loss_fn, lam, f = objective(cfg.dataset), float(cfg.method.lam), aggregator_f(cfg)
     aggregate = build_aggregator(cfg.aggregator)
-    device = resolve_device(str(cfg.device))
+    accelerator = resolve_accelerator(str(cfg.accelerator))
 
     def build() -> torch.nn.Module:
-        return build_model(cfg.dataset.model, fed.input_shape, fed.num_classes, cfg.seed).to(device)
+        return build_model(cfg.dataset.model, fed.input_shape, fed.num_classes, cfg.seed).to(accelerator)
 
     labels = [
         (
             run_poisoned_labels(d.y_train, fed.num_classes, cfg.seed, k)
             if k in malicious and corrupts_labels(cfg.attack)
             else d.y_train
-        ).to(device)
+        ).to(accelerator)
         for k, d in enumerate(fed.devices)
     ]
-    inputs = [d.x_train.to(device) for d in fed.devices]
-    tests = [(d.x_test.to(device), d.y_test.to(device)) for d in fed.devices]
+    inputs = [d.x_train.to(accelerator) for d in fed.devices]
+    tests = [(d.x_test.to(accelerator), d.y_test.to(accelerator)) for d in fed.devices]
     weights = get_weights(build())
     work, personal = build(), {}
     summary: dict = {}
     for r in range(1, cfg.num_rounds + 1):
         updates, counts = [], []
         for k in sample_devices(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
-            ditto.seed_global_rng(cfg.seed, k, r)
+            seed_global_rng(cfg.seed, k, r)
             set_weights(work, weights)
-            ditto.local_round(
+            local_round(
                 work,
                 personal.setdefault(k, build()),
                 inputs[k],
@@ -93,7 +94,7 @@ def plain_ditto(cfg: DictConfig) -> dict:
                 lr=float(cfg.lr),
                 lam=lam,
                 loss_fn=loss_fn,
-                generator=ditto.round_generator(cfg.seed, k, r, ditto.Stream.BATCHES),
+                generator=round_generator(cfg.seed, k, r, Stream.BATCHES),
             )
             update = [w - w0 for w, w0 in zip(get_weights(work), weights)]
             if k in malicious:
@@ -101,7 +102,9 @@ def plain_ditto(cfg: DictConfig) -> dict:
             updates.append(flatten(update))
             counts.append(len(labels[k]))
         delta = aggregate(
-            torch.from_numpy(np.stack(updates)).to(device), torch.tensor(counts, dtype=torch.float64, device=device), f
+            torch.from_numpy(np.stack(updates)).to(accelerator),
+            torch.tensor(counts, dtype=torch.float64, device=accelerator),
+            f,
         )
         weights = unflatten(flatten(weights) + delta.cpu().numpy(), weights)
         if evaluates(r, cfg.eval_every, cfg.num_rounds):
@@ -109,8 +112,8 @@ def plain_ditto(cfg: DictConfig) -> dict:
             initial = build()
             rows = [
                 (
-                    ditto.evaluate(work, x, y, loss_fn)[0],
-                    ditto.evaluate(personal.get(k, initial), x, y, loss_fn)[0],
+                    evaluate(work, x, y, loss_fn)[0],
+                    evaluate(personal.get(k, initial), x, y, loss_fn)[0],
                     len(y),
                 )
                 for k, (x, y) in enumerate(tests)
@@ -134,11 +137,11 @@ def timed_plain(cfg: DictConfig) -> tuple[float, dict]:
 
 
 def timed_simulation(cfg: DictConfig, tuned: bool = True) -> dict:
-    """The simulation of `cfg` (on the engine tuned by app/engine.py, or as Flower ships it), timed: `whole`,
+    """The simulation of `cfg` (on the engine tuned by app/runners/engine.py, or as Flower ships it), timed: `whole`,
     `startup` (start-up and shutdown: Ray, Flower, the actors, until every device is identified, and everything after
     the last round), `rounds` (all rounds), `first` (round 1, the actors' first fit), seconds; `final`, its final
     metrics."""
-    from app.simulate import simulate  # imported here: the reference loop runs before Flower and Ray are loaded
+    from app.runners.simulate import simulate
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -160,7 +163,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--stock",
         action="store_true",
-        help="also run the simulation on Flower's engine as it ships (without app/engine.py)",
+        help="also run the simulation on Flower's engine as it ships (without app/runners/engine.py)",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the workload")
     args = parser.parse_args(argv)

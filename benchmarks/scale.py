@@ -4,7 +4,7 @@
     python -m benchmarks.scale --devices 1000 3000 --rounds 30   # other sizes, more rounds
     python -m benchmarks.scale -- method=global                  # Hydra overrides after --
 
-Each size runs `python -m app.simulate` (Synthetic(1, 1), logistic regression, 10 devices per round,
+Each size runs `ditto-simulate` (Synthetic(1, 1), logistic regression, 10 devices per round,
 personal_state=disk, every device evaluated after the last round) in a child process, and timestamps its log lines
 as they arrive: start-up (until every device has connected and been identified), the training rounds (one line
 each) and the final evaluation of all devices. A sampler reads the resident memory of the driver and of its whole
@@ -20,7 +20,6 @@ import argparse
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +27,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from app.config import PROJECT_DIR
+from app.paths import PROJECT_DIR
+from app.runners.cli import installed
 
 GIB = 2**30
 
@@ -87,7 +87,7 @@ def run(devices: int, rounds: int, overrides: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.simulate", *args, f"hydra.run.dir={tmp}"],
+            [installed("ditto-simulate"), *args, f"hydra.run.dir={tmp}"],
             cwd=PROJECT_DIR,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

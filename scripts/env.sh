@@ -20,7 +20,7 @@ if [ ! -f "$STAMP" ]; then
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
 export FLWR_HOME="${FLWR_HOME:-$ROOT/.flwr}"
-set -a; source "$ROOT/scripts/flower.env"; set +a  # Flower's environment, one place (app/launch.py reads it too)
+set -a; source "$ROOT/scripts/flower.env"; set +a  # Flower's environment, one place (app/runners/launch.py reads it too)
 # File-backed datasets (vehicle) read $DITTO_DATA_DIR/NAME; default: the shared data folder next to the project.
 if [ -z "${DITTO_DATA_DIR:-}" ] && [ -d "$ROOT/../shared/data" ]; then
   DITTO_DATA_DIR="$(cd "$ROOT/../shared/data" && pwd)"

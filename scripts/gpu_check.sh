@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (about 8 minutes on one GPU), printing one table at the end:
-#   1. the CPU tests of the GPU support (tests/test_gpu.py, tests/test_fake_images.py; any machine);
+#   1. the CPU tests of the GPU support (tests/system/test_gpu.py, tests/unit/test_fake_images.py; any machine);
 #   2. the CUDA-marked tests (pytest -m cuda), which include the CPU-vs-GPU agreement check on a short simulation;
 #   3. benchmarks/gpu.py (Ditto simulation vs plain loop per GPU share; robust aggregation GPU vs CPU vs Flower).
 # Without CUDA it says so after step 1 and exits with its status (0: its tests passed). Logs go to $GPU_CHECK_DIR
@@ -39,7 +39,7 @@ table() {
 CUDA=$(python -c "import torch; print(int(torch.cuda.is_available()))")
 # the 8-minute budget is a GPU machine's (16 cores); a CPU-only machine may be slower, and has no budget to keep
 step "CPU tests of the GPU support" "$LOGS/cpu_tests.log" "$([ "$CUDA" = 1 ] && echo 90 || echo 900)" \
-  python -m pytest tests/test_gpu.py tests/test_fake_images.py -q -p no:cacheprovider
+  python -m pytest tests/system/test_gpu.py tests/unit/test_fake_images.py -q -p no:cacheprovider
 cpu_rc=$?
 
 if [ "$CUDA" != 1 ]; then

@@ -1,6 +1,3 @@
-"""Server side: a Flower Strategy that validates updates and aggregates them with a registry rule."""
-
-from strategies.aggregators import AGGREGATORS, build_aggregator
-from strategies.robust import RobustStrategy
-
-__all__ = ["AGGREGATORS", "RobustStrategy", "build_aggregator"]
+"""Server side: a Flower Strategy (robust.py) that identifies devices, checks their replies and aggregates the round
+with a registry rule (rules/). Nothing here imports app/; this package imports nothing eagerly, so a client that
+needs one helper (fair.py) does not load Flower's server."""

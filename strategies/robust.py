@@ -30,11 +30,11 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from strategies.aggregators import Rule
 from strategies.fair import Reweight
 from strategies.identity import Refusal
-from strategies.registry import DeviceRegistry
+from strategies.nodes import NodeDirectory
 from strategies.replies import check_evaluation, check_fit
+from strategies.rules.registry import Rule
 from strategies.sampling import evaluates, sample_devices
 
 EvaluateMetricsFn = Callable[[int, list[dict[str, Any]]], dict[str, Any]]
@@ -61,7 +61,7 @@ class RobustStrategy(Strategy):
     Devices are addressed by partition id, so which devices a round samples depends only on (seed, round), in
     simulation and in deployment alike: uniformly, or with `sample_sizes` (the devices' training sample counts, known
     to the server from the config) in proportion to n_k, as the official code (strategies/sampling.py). Each node
-    is identified once per connection by the strategy's `registry` (strategies/registry.py; strategies/identity.py:
+    is identified once per connection by the strategy's `nodes` (strategies/nodes.py; strategies/identity.py:
     its own claim, or with `device_keys` the key the SuperLink authenticated it with); a node refused as a device is
     logged, counted (`excluded_nodes`, the reasons in `exclusions`) and left out, and the run goes on without it.
     Before the first round the strategy waits (`connect_timeout`) until every device is identified, and starts with
@@ -81,7 +81,7 @@ class RobustStrategy(Strategy):
     rejected, and so is an update whose norm exceeds `max_update_norm`. A round whose accepted updates the rule cannot
     aggregate keeps w^t (counted). With `checkpoint_every` > 0, each fit instruction carries the round of the server's
     last checkpoint (`checkpoint_round`), so devices know which versions of their state a resumed run may still need.
-    The stack is built on `device` once (the server's GPU when it has one); the threat model, the reweighting and
+    The stack is built on `accelerator` once (the server's GPU when it has one); the threat model, the reweighting and
     the rule all run there.
     """
 
@@ -107,7 +107,7 @@ class RobustStrategy(Strategy):
         device_keys: dict[bytes, int] | None = None,
         min_devices: int | None = None,
         evaluation_keys: frozenset[str] = frozenset(),
-        device: torch.device | str = "cpu",
+        accelerator: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
         self.initial_parameters = initial_parameters
@@ -126,8 +126,8 @@ class RobustStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.sample_sizes = None if sample_sizes is None else tuple(int(n) for n in sample_sizes)
         self.evaluation_keys = evaluation_keys
-        self.device = torch.device(device)
-        self.registry = DeviceRegistry(
+        self.accelerator = torch.device(accelerator)
+        self.nodes = NodeDirectory(
             num_clients=num_clients,
             connect_timeout=connect_timeout,
             min_devices=clients_per_round if min_devices is None else min_devices,
@@ -144,13 +144,13 @@ class RobustStrategy(Strategy):
 
     # -- device identities -------------------------------------------------------------------------------------
     def _devices(self, client_manager: ClientManager, server_round: int) -> dict[int, ClientProxy]:
-        """Connected devices by partition id (strategies/registry.py)."""
-        return self.registry.devices(client_manager, server_round, self._start)
+        """Connected devices by partition id (strategies/nodes.py)."""
+        return self.nodes.devices(client_manager, server_round, self._start)
 
     @property
     def connected_after(self) -> float | None:
         """Seconds from the start until every device was identified (None: not yet)."""
-        return self.registry.connected_after
+        return self.nodes.connected_after
 
     def _exclude(self, server_round: int, refusals: list[Refusal]) -> None:
         entry = self._log_round(server_round)
@@ -218,16 +218,16 @@ class RobustStrategy(Strategy):
             losses.append(res.metrics.get("train_loss"))
         skipped = 0
         if rows:
-            stacked = torch.from_numpy(np.stack(rows)).to(self.device)  # one copy to the device, then all work there
+            stacked = torch.from_numpy(np.stack(rows)).to(self.accelerator)  # one copy there, then all work there
             if self.threat_model is not None:  # threat-model simulation: omniscient attackers' slots
                 stacked = self.threat_model(
-                    stacked, torch.tensor([p in self.malicious for p in senders], device=self.device)
+                    stacked, torch.tensor([p in self.malicious for p in senders], device=self.accelerator)
                 )
             if self.reweight is not None:
-                stacked = self.reweight(stacked, torch.tensor(losses, dtype=torch.float64, device=self.device))
+                stacked = self.reweight(stacked, torch.tensor(losses, dtype=torch.float64, device=self.accelerator))
             try:
                 delta = self.aggregate(
-                    stacked, torch.tensor(weights, dtype=torch.float64, device=self.device), self.num_malicious
+                    stacked, torch.tensor(weights, dtype=torch.float64, device=self.accelerator), self.num_malicious
                 )
             except ValueError as err:  # too few accepted updates for the rule this round
                 skipped = 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from app.config import compose_config
+from app.config.compose import compose_config
 
 
 @pytest.fixture

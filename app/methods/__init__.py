@@ -1,7 +1,7 @@
 """The methods Ditto is compared with, one small object each (app/methods/base.py: the hooks), registered in
 METHODS; the `method` config group mirrors METHODS, so adding a method is one module, one entry and one conf file.
 
-- `ditto`: personal model by the Ditto step (app/ditto.py), global model by the configured aggregator.
+- `ditto`: personal model by the Ditto step (app/training/steps.py), global model by the configured aggregator.
 - `local`: the personal step with lam = 0 and no global step (a zero update).
 - `global`: the global model alone.
 - `finetune`: the global model, fine-tuned on each device's data before each evaluation (not kept).

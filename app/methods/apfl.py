@@ -6,23 +6,19 @@ the Ditto paper's own comparison most often report, and it also interpolates loc
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from app.ditto import minibatches, sgd_step
-from app.methods.base import Method
-from app.models import Objective
-
-if TYPE_CHECKING:
-    from app.client_app import DittoClient
+from app.methods.base import Device, Method
+from app.training.models import Objective
+from app.training.steps import minibatches, sgd_step
 
 
 @torch.no_grad()
 def mix_into(target: nn.Module, personal: nn.Module, global_model: nn.Module, alpha: float) -> nn.Module:
     """target <- alpha * personal + (1 - alpha) * global, over the trainable parameters (the whole state of every
-    registry model: none keeps running statistics, see app/models.py)."""
+    registry model: none keeps running statistics, see app/training/models.py)."""
     for t, v, w in zip(target.parameters(), personal.parameters(), global_model.parameters()):
         t.copy_(alpha * v + (1.0 - alpha) * w)
     return target
@@ -61,7 +57,7 @@ class APFL(Method):
     scores_personal = True
 
     def train_round(
-        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], steps: dict
+        self, device: Device, global_model: nn.Module, personal: list[nn.Module], steps: dict
     ) -> list[list[float]]:
         apfl_round(
             global_model, personal[0], device.x_train, device.y_train, alpha=float(self.cfg.method.alpha), **steps
@@ -69,7 +65,7 @@ class APFL(Method):
         return [[]]
 
     def evaluated(
-        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], server_round: int
+        self, device: Device, global_model: nn.Module, personal: list[nn.Module], server_round: int
     ) -> dict[str, nn.Module]:
         mixed = mix_into(copy.deepcopy(personal[0]), personal[0], global_model, float(self.cfg.method.alpha))
         return {"personal": mixed}

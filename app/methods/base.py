@@ -3,19 +3,34 @@ federated solver on its own: w trains, no personal model is kept or scored)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar, Protocol
 
 import numpy as np
+import torch
 from flwr.common import Scalar
 from omegaconf import DictConfig
 from torch import nn
 
-from app import ditto
-from app.persistence import DeviceState
+from app.records.persistence import DeviceState
+from app.rng import Stream
+from app.training.lam import LamPlan
+from app.training.models import Objective
+from app.training.steps import evaluate, multi_lam_round
 from strategies.fair import Reweight
 
-if TYPE_CHECKING:
-    from app.client_app import DittoClient
+
+class Device(Protocol):
+    """What a method may read from the device it runs on (the client, app/client_app.py): its training data (after
+    lam auto's hold-out and any label poisoning), its lam plan (one entry per personal model), its objective, and
+    its random streams."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    plan: LamPlan
+    objective: Objective
+
+    def generator(self, server_round: int, stream: Stream) -> torch.Generator: ...
 
 
 class Method:
@@ -30,39 +45,49 @@ class Method:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
 
+    @classmethod
+    def required_metrics(cls, personal_kinds: Sequence[str]) -> frozenset[str]:
+        """The evaluation metrics every device of a run of this method must send (the recorder reads them);
+        `personal_kinds`: the kinds of a device's personal models (app/training/lam.plan_kinds)."""
+        kinds = ("global", *personal_kinds) if cls.scores_personal else ("global",)
+        personal = ("personal_round", "personal_updates") if cls.keeps_personal else ()
+        return frozenset({"n_train", "n_test", *personal, *(f"{p}_{k}" for k in kinds for p in ("correct", "loss"))})
+
     def reweight(self) -> Reweight | None:
         """The server's rescaling of the round's updates by the devices' losses before the aggregator; None: none."""
         return None
 
-    def fit_metrics(self, device: DittoClient, global_model: nn.Module) -> dict[str, Scalar]:
+    def fit_metrics(self, device: Device, global_model: nn.Module) -> dict[str, Scalar]:
         """What a device reports with its update, besides its partition id."""
         return {}
 
     def train_round(
-        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], steps: dict
+        self, device: Device, global_model: nn.Module, personal: list[nn.Module], steps: dict
     ) -> list[list[float]]:
         """Train `global_model` (w^t on entry) and the `personal` models in place for one round (`steps`: the local
         round's keyword arguments); returns the lam of each personal step, per personal model. Here Ditto's round
-        (app/ditto.py), one personal model per lam of the device."""
-        lam = device.lam
-        lams = list(lam) if isinstance(lam, tuple) else [lam] * len(personal)
-        return ditto.multi_lam_round(
-            global_model, personal, lams, device.x_train, device.y_train, train_global=self.trains_global, **steps
+        (app/training/steps.py), one personal model per entry of the device's lam plan."""
+        return multi_lam_round(
+            global_model,
+            personal,
+            device.plan.lams,
+            device.x_train,
+            device.y_train,
+            train_global=self.trains_global,
+            **steps,
         )
 
-    def lam_counts(
-        self, device: DittoClient, stored: DeviceState | None, chosen: list[list[float]]
-    ) -> np.ndarray | None:
+    def lam_counts(self, device: Device, stored: DeviceState | None, chosen: list[list[float]]) -> np.ndarray | None:
         """What the device keeps of the lams its personal steps chose (lam auto); None: nothing."""
         return None
 
     def evaluated(
-        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], server_round: int
+        self, device: Device, global_model: nn.Module, personal: list[nn.Module], server_round: int
     ) -> dict[str, nn.Module]:
-        """The models scored besides the received w, by model kind (app/results.py)."""
+        """The models scored besides the received w, by model kind (app/records/kinds.py)."""
         return {}
 
-    def report(self, device: DittoClient, stored: DeviceState | None) -> dict[str, Scalar]:
+    def report(self, device: Device, stored: DeviceState | None) -> dict[str, Scalar]:
         """What a device's evaluation reply adds to the scores."""
         return {}
 
@@ -71,5 +96,5 @@ class LossReweighting(Method):
     """A fair global solver: the server rescales the round's updates by the losses F_k(w^t) the devices report
     (strategies/fair.py)."""
 
-    def fit_metrics(self, device: DittoClient, global_model: nn.Module) -> dict[str, Scalar]:
-        return {"train_loss": ditto.evaluate(global_model, device.x_train, device.y_train, device.objective)[1]}
+    def fit_metrics(self, device: Device, global_model: nn.Module) -> dict[str, Scalar]:
+        return {"train_loss": evaluate(global_model, device.x_train, device.y_train, device.objective)[1]}

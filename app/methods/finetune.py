@@ -5,15 +5,12 @@ kept. The budget is the official one, max(int(finetune_iters * n_k / B), finetun
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from app import ditto
-from app.methods.base import Method
-
-if TYPE_CHECKING:
-    from app.client_app import DittoClient
+from app.methods.base import Device, Method
+from app.rng import Stream
+from app.training.steps import local_round
 
 
 class Finetune(Method):
@@ -29,10 +26,10 @@ class Finetune(Method):
         return max(int(iters * n_train / self.cfg.batch_size), iters)
 
     def evaluated(
-        self, device: DittoClient, global_model: nn.Module, personal: list[nn.Module], server_round: int
+        self, device: Device, global_model: nn.Module, personal: list[nn.Module], server_round: int
     ) -> dict[str, nn.Module]:
         tuned = copy.deepcopy(global_model)
-        ditto.local_round(
+        local_round(
             tuned,
             None,
             device.x_train,
@@ -42,6 +39,6 @@ class Finetune(Method):
             lr=float(self.cfg.lr),
             lam=0.0,
             loss_fn=device.objective,
-            generator=device.generator(server_round, ditto.Stream.FINETUNE),
+            generator=device.generator(server_round, Stream.FINETUNE),
         )
         return {"personal": tuned}

@@ -1,0 +1,1 @@
+"""The configuration: composed from conf/ (compose), checked (validate), compared (keys)."""

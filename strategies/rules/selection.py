@@ -1,0 +1,89 @@
+"""Selection rules: Krum, Multi-Krum, Bulyan and k-norm keep the rows they trust. Krum, Multi-Krum and Bulyan select
+exactly the rows brute-force float64 distances select, the first on a tie (strategies/rules/distances.py)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+
+from strategies.rules import kernels
+from strategies.rules.common import POOL, by_column_blocks, distances_to, needs
+from strategies.rules.coordinate import row_means_closest_to_median
+from strategies.rules.distances import bulyan_select, check_stack, krum_select
+
+
+def krum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
+    """Krum (Blanchard et al., NeurIPS 2017): the update whose n - f - 2 nearest neighbours (itself excluded) are
+    closest in summed squared distance (the first on a tie). Its guarantee assumes n >= 2f + 3; like the official
+    Ditto code it runs whenever there is a neighbour to count (n >= f + 3). The choice is the one exact float64
+    distances give, whatever the rows' magnitudes (`krum_select`)."""
+    check_stack(updates, num_malicious, "krum")
+    needs("krum", updates.shape[0], num_malicious)
+    return updates[int(krum_select(updates, num_malicious, 1)[0])].clone()
+
+
+def multikrum(
+    updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, m: int | None = None
+) -> torch.Tensor:
+    """Multi-Krum (Blanchard et al., NeurIPS 2017): the unweighted mean of the m updates with the best Krum scores
+    (m = n - f when null). Runs when n >= f + 3, as Krum."""
+    check_stack(updates, num_malicious, "multikrum")
+    needs("multikrum", updates.shape[0], num_malicious)
+    n = updates.shape[0]
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"multikrum needs m to be null (n - f) or an integer >= 1 (got {m!r})")
+    keep = n - num_malicious if m is None else min(m, n)
+    share = torch.zeros(n, dtype=updates.dtype, device=updates.device)
+    share[krum_select(updates, num_malicious, keep)] = 1.0 / keep
+    return share @ updates  # the mean of the chosen rows without copying them out of the stack
+
+
+def bulyan(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
+    """Bulyan (El Mhamdi et al., ICML 2018): select theta = n - 2f updates by Krum repeatedly (each time on the
+    remaining ones, removing the one chosen), then per coordinate average the beta = theta - 2f selected values
+    closest to the selected values' median. Requires n >= 4f + 3."""
+    n, f = updates.shape[0], num_malicious
+    check_stack(updates, f, "bulyan")
+    needs("bulyan", n, f)
+    if f == 0:
+        return updates.mean(dim=0)  # theta = n: every update is selected, none is trimmed
+    chosen = bulyan_select(updates, f, n - 2 * f)
+    return _bulyan_coordinates(updates, chosen, len(chosen) - 2 * f)
+
+
+def _bulyan_coordinates(x: torch.Tensor, chosen: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per coordinate, the mean of the `beta` values of x[chosen] closest to their median: the compiled sorting
+    network (`kernels.bulyan_coordinates`, a few times faster) where it is available, numpy's sort otherwise; the
+    columns where the kernel finds a tie at the window's far end go to the numpy path, which ranks them."""
+    a = x.detach().cpu().numpy()
+    if kernels.library() is None or not a.flags.c_contiguous:
+        return by_column_blocks(x, partial(row_means_closest_to_median, beta=beta), rows=chosen)
+    rows = chosen.cpu().numpy()
+    out = np.empty(a.shape[1], dtype=a.dtype)
+    width = max(4096, -(-a.shape[1] // 16))  # at least 16 ranges for the pool; the kernel streams each range
+
+    def work(start: int) -> None:
+        end = min(start + width, a.shape[1])
+        means, tied = kernels.bulyan_coordinates(a, rows, beta, start, end)
+        out[start:end] = means
+        cols = start + np.nonzero(tied)[0]
+        if len(cols):
+            out[cols] = row_means_closest_to_median(np.array(a[np.ix_(rows, cols)].T, order="C"), beta)
+
+    list(POOL.map(work, range(0, a.shape[1], width)))
+    return torch.from_numpy(out).to(x.device)
+
+
+def knorm(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
+    """k-norm: drop the f updates of largest Euclidean norm and average the rest (the norm-filtering baseline of
+    the official Ditto code; cf. Sun et al. 2019, "Can you really backdoor federated learning?"). Norms in float64;
+    of equal norms the first rows are kept."""
+    check_stack(updates, num_malicious, "knorm")
+    needs("knorm", updates.shape[0], num_malicious)
+    n = updates.shape[0]
+    norms = distances_to(updates, torch.zeros(updates.shape[1], dtype=torch.float64, device=updates.device))
+    share = torch.zeros(n, dtype=updates.dtype, device=updates.device)
+    share[torch.argsort(norms, stable=True)[: n - num_malicious]] = 1.0 / (n - num_malicious)
+    return share @ updates  # the mean of the kept rows without copying them out of the stack
