@@ -24,8 +24,10 @@ def debugging(argv: Sequence[str]) -> bool:
 
 
 def one_line(err: BaseException) -> str:
-    """The refusal as one line: the message's lines joined (Hydra's messages span several)."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    """The refusal as one line: the message's lines joined (Hydra's messages span several), without the config
+    search path Hydra appends to a missing group option."""
+    message = str(err).split("Config search path:")[0]
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
     return f"error: {text or type(err).__name__}"
 
 

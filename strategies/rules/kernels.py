@@ -162,7 +162,7 @@ def _needed(x: np.ndarray, name: str, dtypes: tuple = (np.float32, np.float64)) 
     """The library, after checking that x is what the C code reads: a C-contiguous 2-d array of one of `dtypes`."""
     lib = library()
     if lib is None:
-        raise RuntimeError("the compiled kernels are not available: check strategies.kernels.library() first")
+        raise RuntimeError("the compiled kernels are not available: check strategies.rules.kernels.library() first")
     if x.ndim != 2 or not x.flags.c_contiguous or x.dtype not in dtypes or 0 in x.shape:
         raise ValueError(
             f"{name} reads a non-empty C-contiguous 2-d array of {'/'.join(np.dtype(t).name for t in dtypes)} "
