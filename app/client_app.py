@@ -26,7 +26,7 @@ from app.threats.attacks import attack_rng, attack_update, attackers, corrupts_l
 from app.threats.rogue import rogue_client
 from app.training.compute import resolve_accelerator, set_deterministic
 from app.training.lam import LamPlan, device_plan
-from app.training.models import build_model, get_weights, objective, set_weights
+from app.training.models import dataset_model, get_weights, objective, set_weights
 from app.training.steps import evaluate
 
 DeviceTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LamPlan]
@@ -74,9 +74,9 @@ class DeviceClient(NumPyClient):
         self.malicious = partition_id in attackers(cfg)
         self.objective = objective(cfg.dataset)
         self.accelerator = resolve_accelerator(str(cfg.accelerator))
-        self._build = lambda: build_model(
-            cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed
-        ).to(self.accelerator)
+        self._build = lambda: dataset_model(cfg.dataset, federation.input_shape, federation.num_classes, cfg.seed).to(
+            self.accelerator
+        )
         self.x_train, self.y_train, self.x_test, self.y_test, self.plan = placed_data(
             cfg, partition_id, self.accelerator
         )
@@ -134,6 +134,8 @@ class DeviceClient(NumPyClient):
         return update, len(self.y_train), metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        server_round = int(config.get("server_round", 0))
+        seed_global_rng(self.cfg.seed, self.partition_id, server_round, Stream.EVALUATION)
         model = self._build()
         set_weights(model, parameters)
         correct, loss = evaluate(model, self.x_test, self.y_test, self.objective)
@@ -144,7 +146,6 @@ class DeviceClient(NumPyClient):
             "correct_global": correct,
             "loss_global": loss,
         }
-        server_round = int(config.get("server_round", 0))
         keeps = self.method.keeps_personal
         stored = self.store.load(upto=server_round) if keeps else None
         personal = self._personal_models(stored)

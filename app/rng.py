@@ -20,6 +20,7 @@ class Stream(IntEnum):
     DROPOUT = 3  # torch's global generators during the round (seed_global_rng)
     FINETUNE = 4  # the finetune baseline's mini-batches before an evaluation
     VALIDATION_SPLIT = 5  # lam auto's random validation split (method.val_split=random; round 0)
+    EVALUATION = 6  # torch's global generators during an evaluation (dropout at evaluation, fine-tuning's dropout)
 
 
 def stream_seed(seed: int, device: int, server_round: int, stream: Stream) -> list[int]:
@@ -34,8 +35,8 @@ def round_generator(seed: int, device: int, server_round: int, stream: Stream) -
     return torch.Generator().manual_seed(int(state))
 
 
-def seed_global_rng(seed: int, device: int, server_round: int) -> None:
-    """Seed torch's global generators, CPU and CUDA (what dropout draws from), for this device's round,
-    so masks do not depend on which worker runs it (on a GPU they come from the CUDA generator: other masks than on
-    the CPU, the same ones run after run)."""
-    torch.manual_seed(int(round_generator(seed, device, server_round, Stream.DROPOUT).initial_seed()))
+def seed_global_rng(seed: int, device: int, server_round: int, stream: Stream = Stream.DROPOUT) -> None:
+    """Seed torch's global generators, CPU and CUDA (what dropout draws from), for this device's round (`stream`:
+    its training, DROPOUT, or its evaluation, EVALUATION), so masks do not depend on which worker runs it (on a GPU
+    they come from the CUDA generator: other masks than on the CPU, the same ones run after run)."""
+    torch.manual_seed(int(round_generator(seed, device, server_round, stream).initial_seed()))

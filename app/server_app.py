@@ -26,8 +26,8 @@ from app.records.progress import Progress, show_flower
 from app.records.results import RunRecorder
 from app.threats.attacks import aggregator_f, attackers, threat_model
 from app.training.compute import resolve_accelerator, set_deterministic
-from app.training.lam import plan_kinds, trained_count
-from app.training.models import build_model, get_weights
+from app.training.lam import plan_kinds, sampling_sizes
+from app.training.models import dataset_model, get_weights
 from strategies.identity import load_device_keys
 from strategies.robust import RobustStrategy
 from strategies.rules.registry import build_aggregator
@@ -142,12 +142,9 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
     this process resolves it (app/training/compute.py)."""
     set_deterministic(bool(cfg.deterministic))
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
-    model = build_model(cfg.dataset.model, federation.input_shape, federation.num_classes, cfg.seed)
+    model = dataset_model(cfg.dataset, federation.input_shape, federation.num_classes, cfg.seed)
     malicious = attackers(cfg)
     f = aggregator_f(cfg)
-    sizes = None
-    if cfg.sampling == "size":  # the devices' training counts as each client trains on them
-        sizes = [trained_count(len(d.y_train), cfg.method) for d in federation.devices]
     recorder = RunRecorder(cfg, malicious, out_dir)
     strategy = RobustStrategy(
         initial_parameters=ndarrays_to_parameters(get_weights(model)),
@@ -164,7 +161,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         malicious=malicious,
         checkpoint_every=cfg.checkpoint_every,
         max_update_norm=None if cfg.max_update_norm is None else float(cfg.max_update_norm),
-        sample_sizes=sizes,
+        sample_sizes=sampling_sizes(cfg),  # the devices' training counts as each client trains on them
         device_keys=None if cfg.device_keys is None else load_device_keys(Path(cfg.device_keys), cfg.num_clients),
         evaluation_keys=METHODS[cfg.method.name].required_metrics(plan_kinds(cfg.method)),
         accelerator=resolve_accelerator(str(cfg.accelerator)),

@@ -35,7 +35,7 @@ from app.records.metrics import accuracy_summary
 from app.rng import Stream, round_generator, seed_global_rng
 from app.threats.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels
 from app.training.compute import resolve_accelerator
-from app.training.models import build_model, get_weights, objective, set_weights
+from app.training.models import dataset_model, get_weights, objective, set_weights
 from app.training.steps import evaluate, local_round
 from strategies.robust import flatten, unflatten
 from strategies.rules.registry import build_aggregator
@@ -64,7 +64,7 @@ def plain_ditto(cfg: DictConfig) -> dict:
     accelerator = resolve_accelerator(str(cfg.accelerator))
 
     def build() -> torch.nn.Module:
-        return build_model(cfg.dataset.model, fed.input_shape, fed.num_classes, cfg.seed).to(accelerator)
+        return dataset_model(cfg.dataset, fed.input_shape, fed.num_classes, cfg.seed).to(accelerator)
 
     labels = [
         (

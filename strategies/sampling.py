@@ -33,6 +33,17 @@ def sample_devices(
     return sorted(rng.choice(num_clients, size=clients_per_round, replace=False, p=n / n.sum()).tolist())
 
 
+def sampled_rounds(
+    seed: int, num_rounds: int, num_clients: int, clients_per_round: int, sizes: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Per device, the rounds 1..num_rounds that sample it (`sample_devices`, in increasing order)."""
+    rounds: list[list[int]] = [[] for _ in range(num_clients)]
+    for server_round in range(1, num_rounds + 1):
+        for k in sample_devices(seed, server_round, num_clients, clients_per_round, sizes):
+            rounds[k].append(server_round)
+    return rounds
+
+
 def evaluates(server_round: int, eval_every: int, num_rounds: int) -> bool:
     """Whether every device evaluates after `server_round`: every `eval_every` rounds and after the last."""
     return server_round % eval_every == 0 or server_round == num_rounds

@@ -17,8 +17,9 @@ from app.data.partition import PARTITIONERS
 from app.methods import METHODS
 from app.threats.attacks import ATTACKS, aggregator_f
 from app.training.compute import accelerator_problem
-from app.training.models import MODELS
+from app.training.models import INITS, MODELS
 from strategies.rules.registry import AGGREGATORS, check_aggregator
+from strategies.rules.selection import SMALL_N
 from strategies.sampling import SAMPLING
 
 
@@ -126,6 +127,8 @@ def validate(cfg: DictConfig, *, client: bool = False) -> None:
         "like": (lambda v: v in FAKE_IMAGE_SHAPES, f"one of {', '.join(FAKE_IMAGE_SHAPES)} (the image shape)"),
         "num_samples": (_int(2), "an integer >= 2"),
         "noise": (_real(0), "a number >= 0"),
+        "init": (lambda v: v in INITS, " or ".join(INITS) + " (official: as the official TF model)"),
+        "dropout_at_eval": (lambda v: isinstance(v, bool), "true (official FEMNIST: scored with dropout on) or false"),
     }
     for option, (ok, allowed) in dataset_options.items():
         if option in cfg.dataset:
@@ -176,6 +179,7 @@ def validate(cfg: DictConfig, *, client: bool = False) -> None:
         "eps": (_real(0, lo_open=True), "a number > 0"),
         "tol": (_real(0), "a number >= 0"),
         "tau": (lambda v: v is None or _real(0, lo_open=True)(v), "null (median distance) or a number > 0"),
+        "small_n": (lambda v: v in SMALL_N, " or ".join(SMALL_N)),
     }
     for option, (ok, allowed) in optional.items():
         if option in cfg.aggregator:
@@ -199,6 +203,8 @@ def validate(cfg: DictConfig, *, client: bool = False) -> None:
         "val_split": (lambda v: v in ("last", "random"), "last (official) or random"),
         "steps": (lambda v: v is None or _int(0)(v), "null (the official budget) or an integer >= 0"),
         "finetune_iters": (_int(0), "an integer >= 0"),
+        "decay_factor": (_real(0, lo_open=True), "a number > 0 (fine-tuning's learning rate is lr * decay_factor)"),
+        "min_validation": (_int(1), "an integer >= 1 (1: the official code, which always searches)"),
         "q": (_real(0), "a number >= 0 (0: the plain mean)"),
         "alpha": (_real(0, 1), "a number in [0, 1]"),
     }
@@ -211,6 +217,12 @@ def validate(cfg: DictConfig, *, client: bool = False) -> None:
         raise ConfigError(
             f"config key 'method.lam' = {list(lam)!r} is not allowed with method={cfg.method.name}: a "
             f"lam list trains one personal model per lam, which only method={takes} does. Use it, or a single lam."
+        )
+    if lam == "auto" and not METHODS[cfg.method.name].lam_auto:
+        takes = ", ".join(name for name, method in METHODS.items() if method.lam_auto)
+        raise ConfigError(
+            f"config key 'method.lam' = 'auto' is not allowed with method={cfg.method.name}: lam auto chooses a "
+            f"personal model's lam per step, which only method={takes} trains. Set a number >= 0."
         )
     if cfg.resume and cfg.personal_state != "disk" and METHODS[cfg.method.name].keeps_personal:
         raise ConfigError(

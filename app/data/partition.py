@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from app.data.checks import require_split_classes
 
 PARTITIONERS = ("consecutive", "dirichlet", "iid", "pathological")
+SHUFFLE = 0x5F1E  # the stream that orders a device's training rows where a partitioner deals them class by class
 
 
 def consecutive_shares(num_clients: int, classes_per_client: int, total: int, seed: int) -> np.ndarray:
@@ -54,14 +55,17 @@ def consecutive_partition(
     """The paper's Fashion-MNIST partition, as the official script builds it: device k holds classes k, k+1, ...
     (mod C), `classes_per_client` of them, int(share) + 1 training examples of each from the training pool
     (`~is_test`) and int(share / r) + 1 test examples from the test pool, r = training / test pool size (60,000 /
-    10,000 = 6 there, create_dataset.py:94-95), both dealt with wrap-around (`deal_consecutive`). Returns (train,
-    test) indices into `labels` per device."""
+    10,000 = 6 there, create_dataset.py:94-95), both dealt with wrap-around (`deal_consecutive`). Each device's
+    training rows are then shuffled, as the script does before saving (create_dataset.py:118-120; its test rows
+    stay in class order), so that no split taken from the end of them (lam auto's validation) holds one class;
+    the shuffle is seeded by (seed, device). Returns (train, test) indices into `labels` per device."""
     train_pool, test_pool = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     shares = consecutive_shares(num_clients, classes_per_client, len(train_pool), seed)
     ratio = len(train_pool) / len(test_pool)
     train = deal_consecutive(labels[train_pool], shares.astype(np.int64) + 1)
     test = deal_consecutive(labels[test_pool], (shares / ratio).astype(np.int64) + 1)
-    return [train_pool[p] for p in train], [test_pool[p] for p in test]
+    shuffled = [np.random.default_rng([seed, k, SHUFFLE]).permutation(p) for k, p in enumerate(train)]
+    return [train_pool[p] for p in shuffled], [test_pool[p] for p in test]
 
 
 def test_pool(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
@@ -162,7 +166,8 @@ def split_device(
     indices: np.ndarray, test_fraction: float, seed: int, device: int, labels: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A seeded train/test split of one device's indices (at least one sample on each side). With `labels`
-    (those of `indices`), each class is split in the same proportion (stratified)."""
+    (those of `indices`), each class is split in the same proportion (stratified), and the training rows are
+    shuffled, not left class after class."""
     rng = np.random.default_rng([seed, device])
     if labels is None:
         perm = rng.permutation(indices)
@@ -174,7 +179,7 @@ def split_device(
         n_test = round(test_fraction * len(members))
         test.append(members[:n_test])
         train.append(members[n_test:])
-    tr, te = np.concatenate(train), np.concatenate(test)
+    tr, te = rng.permutation(np.concatenate(train)), np.concatenate(test)  # training rows not in class order
     if len(te) == 0:
         tr, te = tr[1:], tr[:1]
     elif len(tr) == 0:

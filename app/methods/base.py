@@ -21,10 +21,11 @@ from strategies.fair import Reweight
 
 
 class Device(Protocol):
-    """What a method may read from the device it runs on (the client, app/client_app.py): its training data (after
-    lam auto's hold-out and any label poisoning), its lam plan (one entry per personal model), its objective, and
-    its random streams."""
+    """What a method may read from the device it runs on (the client, app/client_app.py): its partition id, its
+    training data (after lam auto's hold-out and any label poisoning), its lam plan (one entry per personal model),
+    its objective, and its random streams."""
 
+    partition_id: int
     x_train: torch.Tensor
     y_train: torch.Tensor
     plan: LamPlan
@@ -41,6 +42,7 @@ class Method:
     scores_personal: ClassVar[bool] = False  # each evaluation scores a personal model besides w
     trains_global: ClassVar[bool] = True  # the device runs the global step and sends its update (else: zero)
     lam_lists: ClassVar[bool] = False  # method.lam may be a list: one personal model per lam, trained side by side
+    lam_auto: ClassVar[bool] = False  # method.lam may be auto: the personal step chooses its lam per step
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg

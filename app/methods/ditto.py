@@ -16,6 +16,7 @@ class Ditto(Method):
     keeps_personal = True
     scores_personal = True
     lam_lists = True
+    lam_auto = True
 
     def lam_counts(self, device: Device, stored: DeviceState | None, chosen: list[list[float]]) -> np.ndarray | None:
         """lam auto: how often each grid value was chosen, this round's choices included."""

@@ -9,3 +9,4 @@ from app.methods.ditto import Ditto
 class Local(Ditto):
     trains_global = False
     lam_lists = False  # its lam is 0
+    lam_auto = False

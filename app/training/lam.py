@@ -11,19 +11,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.data.federation import load_federation
 from app.records.kinds import PERSONAL, personal_kind
 from app.rng import Stream, round_generator
 
-MIN_VALIDATION = 4  # lam auto: a device with fewer validation samples keeps all its data and a fixed lam
 
-
-def validation_size(n: int, val_fraction: float) -> int:
+def validation_size(n: int, val_fraction: float, min_validation: int = 1) -> int:
     """lam auto: how many of a device's n training samples are held out for validation. The official client keeps
     the first int(0.9 n) for training and validates on the rest (litian96/ditto flearn/models/client.py lines
-    12-16, val_fraction = 0.1); 0 when that leaves fewer than MIN_VALIDATION validation samples or no training
-    sample (the official code has no such guard: it would validate on an empty set)."""
+    12-16, val_fraction = 0.1), whatever n; 0 (no search: the fixed lam on all the data) when that leaves fewer than
+    `min_validation` validation samples (`method.min_validation`, 1: the official behaviour) or no training sample
+    (n = 1, where the official client would train on an empty set)."""
     n_val = n - int((1.0 - val_fraction) * n)
-    return n_val if MIN_VALIDATION <= n_val < n else 0
+    return n_val if min_validation <= n_val < n else 0
 
 
 def trained_count(n: int, method: Mapping[str, Any]) -> int:
@@ -31,7 +31,16 @@ def trained_count(n: int, method: Mapping[str, Any]) -> int:
     validation hold-out under lam auto. The server samples devices by this count, so it must be the client's."""
     if method.get("lam") != "auto":
         return n
-    return n - validation_size(n, float(method["val_fraction"]))
+    return n - validation_size(n, float(method["val_fraction"]), int(method["min_validation"]))
+
+
+def sampling_sizes(cfg: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The counts the server samples devices by (`sampling=size`: each device's trained_count), None for uniform
+    sampling; devices built from the run's federation."""
+    if cfg["sampling"] != "size":
+        return None
+    federation = load_federation(cfg["dataset"], int(cfg["num_clients"]), int(cfg["seed"]))
+    return tuple(trained_count(len(d.y_train), cfg["method"]) for d in federation.devices)
 
 
 @dataclass(frozen=True)

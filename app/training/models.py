@@ -4,6 +4,12 @@ every process builds the same initial weights.
 Architectures of the paper (official Ditto code and LEAF): `svm` for Vehicle (linear, hinge loss + l2 * ||W||^2,
 labels +-1 stored as 0/1), `cnn_femnist`, `cnn_fmnist`, `cnn_celeba`; plus `mlp`, `logreg`, `cnn_small` (8x8 digits)
 `cnn_cifar` (a small CIFAR-10 CNN) and `mean` (a point estimate, for the theory experiment).
+
+Two options a dataset config sets for its model (`dataset_model`): `init` (`official`: the initialisation of the
+official TF1 model, for the three paper CNNs built from `tf.layers` with default initializers: Glorot-uniform
+kernels and zero biases; `pytorch`: PyTorch's defaults; the other models are the same under both) and
+`dropout_at_eval` (the official FEMNIST model applies `tf.nn.dropout` unconditionally, so it scores, validates and
+computes q's losses with dropout on: litian96/ditto flearn/models/femnist/cnn.py lines 54 and 57).
 """
 
 from __future__ import annotations
@@ -61,6 +67,13 @@ class LinearSVM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.flatten(1))
+
+
+class AlwaysDropout(nn.Dropout):
+    """Dropout in evaluation too, as `tf.nn.dropout` in a TF1 graph (no training flag): `dropout_at_eval`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, training=True, inplace=self.inplace)
 
 
 class Mean(nn.Module):
@@ -165,13 +178,14 @@ def _cnn_celeba(shape: Shape, num_classes: int) -> nn.Module:
     (litian96/ditto flearn/models/celeba/cnn.py lines 43-49). Its batch norm runs with `training=True` in training
     and evaluation alike, so it normalises by the batch's own statistics and keeps no running statistics: here
     `track_running_stats=False`, and the model has no buffers (nothing outside the trainable parameters to exchange,
-    attack or mix). Its pooling pads `same`: ceil_mode, 84 -> 42 -> 21 -> 11 -> 6, a 6x6x32 flatten."""
+    attack or mix). Its epsilon is TF's (`tf.layers.batch_normalization` default 1e-3; PyTorch's is 1e-5). Its
+    pooling pads `same`: ceil_mode, 84 -> 42 -> 21 -> 11 -> 6, a 6x6x32 flatten."""
     layers: list[nn.Module] = []
     channels = shape[0]
     for _ in range(4):
         layers += [
             nn.Conv2d(channels, 32, 3, padding=1),
-            nn.BatchNorm2d(32, track_running_stats=False),
+            nn.BatchNorm2d(32, eps=TF_BATCH_NORM_EPS, track_running_stats=False),
             nn.MaxPool2d(2, ceil_mode=True),
             nn.ReLU(),
         ]
@@ -183,10 +197,15 @@ def _mean(shape: Shape, num_outputs: int) -> nn.Module:
     return Mean(num_outputs)
 
 
+TF_BATCH_NORM_EPS = 1e-3  # tf.layers.batch_normalization's default epsilon
+INITS = ("official", "pytorch")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[[Shape, int], nn.Module]  # (input shape, classes or, for regression, output dimension)
     objective: str = "cross_entropy"  # "cross_entropy" | "hinge" | "half_mse"
+    tf_layers: bool = False  # the official model is built from tf.layers with default initializers
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -194,10 +213,10 @@ MODELS: dict[str, ModelSpec] = {
     "logreg": ModelSpec(_logreg),
     "svm": ModelSpec(_svm, "hinge"),
     "cnn_small": ModelSpec(_cnn_small),
-    "cnn_femnist": ModelSpec(_cnn_femnist),
-    "cnn_fmnist": ModelSpec(_cnn_fmnist),
+    "cnn_femnist": ModelSpec(_cnn_femnist, tf_layers=True),
+    "cnn_fmnist": ModelSpec(_cnn_fmnist, tf_layers=True),
     "cnn_cifar": ModelSpec(_cnn_cifar),
-    "cnn_celeba": ModelSpec(_cnn_celeba),
+    "cnn_celeba": ModelSpec(_cnn_celeba, tf_layers=True),
     "mean": ModelSpec(_mean, "half_mse"),
 }
 
@@ -211,12 +230,49 @@ def objective(dataset: DictConfig) -> Objective:
     return cross_entropy
 
 
-def build_model(name: str, input_shape: Shape, num_classes: int, seed: int) -> nn.Module:
+def _tf_layers_init(model: nn.Module) -> None:
+    """TF1's `tf.layers.conv2d` / `dense` defaults: Glorot-uniform kernels (fans as PyTorch counts them for
+    `xavier_uniform_`: in and out channels times the kernel's area) and zero biases; batch norm starts at 1 and 0
+    in both."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def build_model(
+    name: str, input_shape: Shape, num_classes: int, seed: int, *, init: str = "official", dropout_at_eval: bool = False
+) -> nn.Module:
     """The registry model `name` for inputs of `input_shape` (no batch axis), initialised from `seed` without touching
-    the global torch RNG."""
+    the global torch RNG: with `init=official` as the official model (module docstring), else PyTorch's defaults;
+    `dropout_at_eval` keeps its dropout on in evaluation."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
-        return MODELS[name].build(tuple(input_shape), num_classes)
+        model = MODELS[name].build(tuple(input_shape), num_classes)
+        if init == "official" and MODELS[name].tf_layers:
+            _tf_layers_init(model)
+    if dropout_at_eval:
+        for parent in list(model.modules()):
+            for child_name, child in parent.named_children():
+                if type(child) is nn.Dropout:
+                    setattr(parent, child_name, AlwaysDropout(child.p))
+    return model
+
+
+def dataset_model(dataset: DictConfig, input_shape: Shape, num_classes: int, seed: int) -> nn.Module:
+    """`build_model` with the dataset config's model and its options (`init`, default official; `dropout_at_eval`,
+    default false)."""
+    return build_model(
+        str(dataset.model),
+        input_shape,
+        num_classes,
+        seed,
+        init=str(dataset.get("init", "official")),
+        dropout_at_eval=bool(dataset.get("dropout_at_eval", False)),
+    )
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:

@@ -73,9 +73,32 @@ def needs(rule: str, n: int, f: int) -> None:
 
 
 def distances_to(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """||x_i - z|| in float64 for every row, one column block at a time."""
+    """||x_i - z|| in float64 for every row, one column block at a time. A row whose sum of squares overflows (entries
+    beyond about 1e154) is summed again scaled by a power of two, which is exact, so its distance stays finite
+    wherever it is below float64's largest value; every other row keeps the bits of the plain sum."""
     sq = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[1], FLOAT64_BLOCK):
         diff = x[:, start : start + FLOAT64_BLOCK].to(torch.float64) - z[start : start + FLOAT64_BLOCK]
         sq += (diff * diff).sum(dim=1)
-    return sq.sqrt()
+    dist = sq.sqrt()
+    over = torch.nonzero(torch.isinf(sq)).flatten()
+    if len(over):
+        dist[over] = _scaled_distances(x[over], z)
+    return dist
+
+
+def _scaled_distances(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """||x_i - z|| of rows whose squares overflow: each row divided by the power of two at or above its largest
+    entry of x_i - z (exact), summed, and multiplied back."""
+    biggest = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[1], FLOAT64_BLOCK):
+        diff = x[:, start : start + FLOAT64_BLOCK].to(torch.float64) - z[start : start + FLOAT64_BLOCK]
+        biggest = torch.maximum(biggest, diff.abs().amax(dim=1))
+    scale = torch.ldexp(torch.ones_like(biggest), torch.frexp(biggest).exponent)
+    sq = torch.zeros_like(biggest)
+    for start in range(0, x.shape[1], FLOAT64_BLOCK):
+        diff = (x[:, start : start + FLOAT64_BLOCK].to(torch.float64) - z[start : start + FLOAT64_BLOCK]) / scale[
+            :, None
+        ]
+        sq += (diff * diff).sum(dim=1)
+    return sq.sqrt() * scale

@@ -13,30 +13,57 @@ from strategies.rules.common import POOL, by_column_blocks, distances_to, needs
 from strategies.rules.coordinate import row_means_closest_to_median
 from strategies.rules.distances import bulyan_select, check_stack, krum_select
 
+SMALL_N = ("refuse", "official")  # Krum and Multi-Krum where n < f + 3: refuse, or the official code's choice
 
-def krum(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0) -> torch.Tensor:
+
+def _scores_vanish(rule: str, n: int, f: int, small_n: str) -> bool:
+    """Whether Krum's scores are all zero, as in the official code where n - f - 2 < 1 neighbours are counted
+    (litian96/ditto flearn/trainers_global/fedbase.py lines 194-198 and 212-217: each score sums the k + 1 = n - f - 1
+    smallest distances of a row, its own 0 included, so f + 1 <= n < f + 3 gives 0 for every row, and np.argsort of
+    equal scores keeps the rows in order for n <= 16, every official script's clients_per_round). With
+    `small_n=refuse` (the default) such an n is refused instead, naming the fix; n <= f is refused either way (the
+    official slices would select nothing)."""
+    if small_n not in SMALL_N:
+        raise ValueError(f"{rule}: small_n must be one of {', '.join(SMALL_N)}, got {small_n!r}")
+    if small_n == "official" and f + 1 <= n < f + 3:
+        return True
+    needs(rule, n, f)
+    return False
+
+
+def krum(
+    updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, small_n: str = "refuse"
+) -> torch.Tensor:
     """Krum (Blanchard et al., NeurIPS 2017): the update whose n - f - 2 nearest neighbours (itself excluded) are
     closest in summed squared distance (the first on a tie). Its guarantee assumes n >= 2f + 3; like the official
-    Ditto code it runs whenever there is a neighbour to count (n >= f + 3). The choice is the one exact float64
-    distances give, whatever the rows' magnitudes (`krum_select`)."""
+    Ditto code it runs whenever there is a neighbour to count (n >= f + 3), and with `small_n=official` also where
+    there is none, as the official code does: every score is 0 and the first update wins (`_scores_vanish`). The
+    choice is the one exact float64 distances give, whatever the rows' magnitudes (`krum_select`)."""
     check_stack(updates, num_malicious, "krum")
-    needs("krum", updates.shape[0], num_malicious)
+    if _scores_vanish("krum", updates.shape[0], num_malicious, small_n):
+        return updates[0].clone()
     return updates[int(krum_select(updates, num_malicious, 1)[0])].clone()
 
 
 def multikrum(
-    updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, m: int | None = None
+    updates: torch.Tensor,
+    weights: torch.Tensor,
+    num_malicious: int = 0,
+    *,
+    m: int | None = None,
+    small_n: str = "refuse",
 ) -> torch.Tensor:
     """Multi-Krum (Blanchard et al., NeurIPS 2017): the unweighted mean of the m updates with the best Krum scores
-    (m = n - f when null). Runs when n >= f + 3, as Krum."""
+    (m = n - f when null). Runs when n >= f + 3, as Krum, or (`small_n=official`) where the official scores all
+    vanish: the mean of the first m updates."""
     check_stack(updates, num_malicious, "multikrum")
-    needs("multikrum", updates.shape[0], num_malicious)
     n = updates.shape[0]
+    vanish = _scores_vanish("multikrum", n, num_malicious, small_n)
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise ValueError(f"multikrum needs m to be null (n - f) or an integer >= 1 (got {m!r})")
     keep = n - num_malicious if m is None else min(m, n)
     share = torch.zeros(n, dtype=updates.dtype, device=updates.device)
-    share[krum_select(updates, num_malicious, keep)] = 1.0 / keep
+    share[torch.arange(keep) if vanish else krum_select(updates, num_malicious, keep)] = 1.0 / keep
     return share @ updates  # the mean of the chosen rows without copying them out of the stack
 
 

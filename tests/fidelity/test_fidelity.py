@@ -15,10 +15,11 @@ from app.client_app import DeviceClient
 from app.config.compose import compose_config
 from app.config.keys import ConfigError
 from app.data.federation import load_federation
+from app.data.loaders import DATASETS
 from app.records.persistence import MemoryStore
 from app.server_app import build_components
 from app.threats.attacks import corrupts_labels
-from app.training.lam import MIN_VALIDATION, validation_size
+from app.training.lam import validation_size
 from app.training.models import get_weights, objective
 from strategies.sampling import sample_devices
 
@@ -72,12 +73,14 @@ def test_the_server_samples_by_the_training_counts_the_clients_train_on(tmp_path
         strategy = build_components(cfg, tmp_path).server.strategy
         counts = [len(DeviceClient(cfg, k, MemoryStore(RecordDict())).y_train) for k in range(cfg.num_clients)]
         assert list(strategy.sample_sizes) == counts
-    assert build_components(compose_config([]), tmp_path).server.strategy.sample_sizes is None  # digits: uniform
+    assert build_components(compose_config(["sampling=uniform"]), tmp_path).server.strategy.sample_sizes is None
 
 
-@pytest.mark.parametrize("dataset", ["vehicle", "femnist", "fashion_mnist", "celeba"])
-def test_the_papers_datasets_sample_by_size_and_sampling_is_validated(dataset: str) -> None:
-    assert compose_config([f"dataset={dataset}"]).sampling == "size"
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_every_dataset_samples_by_size_as_the_official_code_and_sampling_is_validated(dataset: str) -> None:
+    """Every run script passes --sampling=2 (size); the official sampling == 1 branch cannot run with Ditto."""
+    extra = ["attack=none"] if dataset == "gaussian_mean" else []
+    assert compose_config([f"dataset={dataset}", *extra]).sampling == "size"
     with pytest.raises(ConfigError, match="'sampling' = 'weighted' is not allowed; allowed: size or uniform"):
         compose_config(["sampling=weighted"])
 
@@ -99,7 +102,7 @@ def test_finetune_runs_the_official_budget_unless_steps_fixes_a_count() -> None:
     official = DeviceClient(compose_config(base), 1, MemoryStore(RecordDict()))
     n, batch = len(official.y_train), official.cfg.batch_size
     budget = max(int(40 * n / batch), 40)
-    assert official.method.finetune_steps(n) == budget != 40
+    assert official.method.finetune_steps(official, 3) == budget != 40
     fixed = DeviceClient(compose_config([*base, f"method.steps={budget}"]), 1, MemoryStore(RecordDict()))
     params = get_weights(official._build())
     assert official.evaluate(params, {"server_round": 3})[2] == fixed.evaluate(params, {"server_round": 3})[2]
@@ -113,11 +116,25 @@ def test_a2_poisons_the_attackers_labels_by_default_as_the_official_code() -> No
     assert not corrupts_labels(compose_config(["attack=gaussian_update", "attack.corrupt_labels=false"]).attack)
 
 
-@pytest.mark.parametrize("n", [5, 9, 10, 11, 39, 40, 41, 137])
+@pytest.mark.parametrize("n", [2, 5, 9, 10, 11, 39, 40, 41, 137])
 def test_lam_auto_validates_on_the_last_tenth_of_the_training_data(n: int) -> None:
+    """By default every device with 2+ samples searches, as the official client (no guard); a guard of 4 is the
+    option this project used to force."""
     official_train = int(n * 0.9)  # flearn/models/client.py: train_data['x'][:int(train_len * 0.9)]
     held_out = n - official_train
-    assert validation_size(n, 0.1) == (held_out if held_out >= MIN_VALIDATION else 0)
+    assert validation_size(n, 0.1) == held_out
+    assert validation_size(n, 0.1, min_validation=4) == (held_out if held_out >= 4 else 0)
+    assert validation_size(1, 0.1) == 0, "one sample: nothing left to train on, so no search"
+
+
+def test_lam_auto_searches_on_every_vehicle_device_by_default() -> None:
+    """The old guard of 4 validation samples fixed lam = 1 on 14 of the 23 Vehicle devices; the official code
+    searches on all of them."""
+    cfg = compose_config(["dataset=vehicle", "method.lam=auto"])
+    devices = load_federation(cfg.dataset, cfg.num_clients, cfg.seed).devices
+    assert all(validation_size(len(d.y_train), 0.1) > 0 for d in devices)
+    guarded = sum(validation_size(len(d.y_train), 0.1, 4) == 0 for d in devices)
+    assert guarded == 14
 
 
 def test_lam_auto_holds_out_the_last_samples_before_any_corruption() -> None:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from app.config.compose import compose_config
 from app.data.federation import load_federation
 from app.data.types import Federation
-from app.training.models import build_model
+from app.training.models import dataset_model
 
 datasets = pytest.importorskip("datasets")
 pytestmark = pytest.mark.slow
@@ -119,7 +119,7 @@ def test_default_config_loads_for_seeds_0_to_9_and_feeds_its_model(tables: dict[
         fed = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
         _check(cfg, fed)
         first = fed if first is None else first
-    model = build_model(cfg.dataset.model, first.input_shape, first.num_classes, 0)
+    model = dataset_model(cfg.dataset, first.input_shape, first.num_classes, 0)
     logits = model(first.devices[0].x_train[:4])
     assert logits.shape[0] == min(4, len(first.devices[0].x_train)) and torch.isfinite(logits).all()
     if name == "fashion_mnist":  # partition_seed=233 (the official script's): the same devices for every seed

@@ -118,6 +118,7 @@ def test_the_named_random_streams_keep_the_values_every_result_was_drawn_with() 
         "DROPOUT": 3,
         "FINETUNE": 4,
         "VALIDATION_SPLIT": 5,
+        "EVALUATION": 6,
     }
     state = np.random.SeedSequence([7, 3, 5, 0]).generate_state(1)[0]
     assert round_generator(7, 3, 5, Stream.BATCHES).initial_seed() == int(state)

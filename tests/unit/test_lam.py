@@ -19,7 +19,8 @@ Y = torch.arange(20) % 3
 def _cfg(lam: object, **method: object) -> dict:
     return {
         "seed": 0,
-        "method": {"lam": lam, "strong_attack": False, "val_fraction": 0.2, "val_split": "last", **method},
+        "method": {"lam": lam, "strong_attack": False, "val_fraction": 0.2, "val_split": "last", "min_validation": 1}
+        | method,
     }
 
 
@@ -45,8 +46,10 @@ def test_auto_holds_out_the_last_samples_and_searches_the_grid() -> None:
 
 
 def test_auto_with_too_little_validation_data_keeps_every_sample_and_the_fixed_lam() -> None:
-    x, _, plan = device_plan(_cfg("auto", val_fraction=0.1), 0, X[:10], Y[:10])
+    x, _, plan = device_plan(_cfg("auto", val_fraction=0.1, min_validation=2), 0, X[:10], Y[:10])
     assert plan == LamPlan((LAM_FIXED[False],), ("personal",)) and len(x) == 10
+    x, _, plan = device_plan(_cfg("auto", val_fraction=0.1), 0, X[:1], Y[:1])
+    assert plan == LamPlan((LAM_FIXED[False],), ("personal",)) and len(x) == 1, "one sample: nothing to hold out"
 
 
 def test_a_method_without_personal_models_has_an_empty_plan() -> None:

@@ -199,6 +199,7 @@ def test_auto_lam_on_a_device_reports_its_choice_and_small_devices_keep_the_fixe
                 "method.lam=auto",
                 "method.strong_attack=true",
                 "method.val_fraction=0.005",
+                "method.min_validation=4",
                 "attack=none",
             ]
         ),
