@@ -125,6 +125,14 @@ def test_the_checks_can_fail() -> None:
     assert _layer("app.training.lam") == _layer("app.records.kinds")
 
 
+def _fresh_process(code: str, kernel_cache: Path | None = None) -> list[str]:
+    """What `code` prints, run in a new Python process (its own module cache), with its own kernel cache folder."""
+    env = None if kernel_cache is None else {"DITTO_KERNEL_CACHE": str(kernel_cache), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=PROJECT_DIR)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
 def test_a_client_process_loads_neither_the_server_nor_its_kernels(tmp_path: Path) -> None:
     """A client composes its config (as under `flwr run`) and trains a Krum run's round: the server's rule never
     runs, so the kernels are never built, and our server strategy is never imported (Flower 1.42's own flwr.client
@@ -142,10 +150,7 @@ def test_a_client_process_loads_neither_the_server_nor_its_kernels(tmp_path: Pat
         "client.fit(get_weights(client._build()), {'server_round': 1})\n"
         "print(kernels.library.cache_info().currsize, 'strategies.robust' in sys.modules)\n"
     )
-    env = {"DITTO_KERNEL_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=PROJECT_DIR)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["0", "False"]
+    assert _fresh_process(code, tmp_path) == ["0", "False"]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -157,14 +162,11 @@ def test_the_server_check_of_the_same_config_does_build_them(tmp_path: Path) -> 
         "compose_config(['aggregator=krum', 'num_clients=6', 'clients_per_round=6'])\n"
         "print(kernels.library.cache_info().currsize)\n"
     )
-    env = {"DITTO_KERNEL_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=PROJECT_DIR)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["1"]
+    assert _fresh_process(code, tmp_path) == ["1"]
 
 
 def test_importing_a_client_side_helper_of_strategies_does_not_load_flowers_server() -> None:
     """strategies/__init__.py imports nothing, so the loss reweighting and the sampling load no Flower server."""
-    code = "import sys, strategies.fair, strategies.sampling; print('flwr.server' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_DIR)
-    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    assert _fresh_process("import sys, strategies.fair, strategies.sampling; print('flwr.server' in sys.modules)") == [
+        "False"
+    ]
