@@ -37,6 +37,7 @@ from app.analysis import claims, figures
 from app.analysis.summary import GLOBAL_METHODS, paired, per_seed, summarize
 from app.analysis.summary import METRICS as CI_METRICS
 from app.config.keys import dotted
+from app.errors import UserError
 from app.records.kinds import LAM_TAG
 from app.records.metrics import SUMMARY_KEYS
 
@@ -261,7 +262,7 @@ def regenerate(csv_dir: Path, out_dir: Path | None = None) -> tuple[pd.DataFrame
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("runs.csv", "devices.csv"):
         if not (csv_dir / name).exists():
-            raise SystemExit(f"no {name} in {csv_dir}: give a folder written by ditto-report SWEEP_DIR")
+            raise UserError(f"no {name} in {csv_dir}: give a folder written by ditto-report SWEEP_DIR")
     runs, devices = pd.read_csv(csv_dir / "runs.csv"), pd.read_csv(csv_dir / "devices.csv")
     setting, summary, pairs = statistics(runs)
     (out_dir / "table.md").write_text(markdown(setting, summary, pairs, runs))
@@ -285,7 +286,7 @@ def report(sweep_dirs: Path | list[Path], out_dir: Path | None = None) -> tuple[
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, devices = collect_all(sweep_dirs)
     if runs.empty:
-        raise SystemExit(
+        raise UserError(
             f"no runs under {', '.join(map(str, sweep_dirs))}: give the folder of a Hydra sweep (multirun/...)"
         )
     runs.to_csv(out_dir / "runs.csv", index=False)

@@ -58,6 +58,11 @@ def test_the_flower_commands_refuse_a_bad_config_in_one_line(command: str, tmp_p
     _refused(_run(command, "method.lam=-1", cwd=tmp_path), "method.lam")
 
 
+def test_report_refuses_a_folder_without_results_in_one_line(tmp_path: Path) -> None:
+    _refused(_run("ditto-report", "--csv", str(tmp_path), cwd=tmp_path), "runs.csv", str(tmp_path))
+    _refused(_run("ditto-report", str(tmp_path), cwd=tmp_path), "no runs under")
+
+
 def test_config_prints_a_key_and_refuses_a_bad_one(tmp_path: Path) -> None:
     ok = _run("ditto-config", "num_rounds", "dataset=vehicle", cwd=tmp_path)
     assert ok.returncode == 0 and ok.stdout.strip().isdigit()

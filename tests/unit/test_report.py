@@ -14,6 +14,7 @@ import pytest
 
 from app.analysis.report import collect, main, statistics, summary_table
 from app.analysis.summary import roles
+from app.errors import UserError
 from app.paths import PROJECT_DIR
 from app.runners.simulate import sweep_size
 from tests.system.test_end_to_end import _simulate
@@ -176,8 +177,8 @@ def test_report_regenerates_the_same_statistics_and_figures_from_the_collected_c
         assert (tmp_path / "again" / name).read_text() == (tmp_path / "collected" / name).read_text(), name
     for name in ("scatter.png", "lambda.png", "corruption.png", "per_device.png"):
         assert (tmp_path / "again" / name).stat().st_size > 1000, name
-    with pytest.raises(SystemExit):
-        main(["--csv", str(sweep)])  # no runs.csv there: a clear error
+    with pytest.raises(UserError, match="no runs.csv in"):
+        main(["--csv", str(sweep)])  # no runs.csv there: a clear error (the command prints it as one line, exit 2)
 
 
 def test_ditto_is_compared_with_each_distinct_baseline_once() -> None:
