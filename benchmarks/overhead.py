@@ -35,6 +35,7 @@ from app.records.metrics import accuracy_summary
 from app.rng import Stream, round_generator, seed_global_rng
 from app.threats.attacks import aggregator_f, attack_rng, attack_update, attackers, corrupts_labels, run_poisoned_labels
 from app.training.compute import resolve_accelerator
+from app.training.lam import sampling_sizes
 from app.training.models import dataset_model, get_weights, objective, set_weights
 from app.training.steps import evaluate, local_round
 from strategies.robust import flatten, unflatten
@@ -79,9 +80,10 @@ def plain_ditto(cfg: DictConfig) -> dict:
     weights = get_weights(build())
     work, personal = build(), {}
     summary: dict = {}
+    sizes = sampling_sizes(cfg)  # as the server samples (sampling=size: each device's training count)
     for r in range(1, cfg.num_rounds + 1):
         updates, counts = [], []
-        for k in sample_devices(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
+        for k in sample_devices(cfg.seed, r, cfg.num_clients, cfg.clients_per_round, sizes):
             seed_global_rng(cfg.seed, k, r)
             set_weights(work, weights)
             local_round(
@@ -110,14 +112,12 @@ def plain_ditto(cfg: DictConfig) -> dict:
         if evaluates(r, cfg.eval_every, cfg.num_rounds):
             set_weights(work, weights)
             initial = build()
-            rows = [
-                (
-                    evaluate(work, x, y, loss_fn)[0],
-                    evaluate(personal.get(k, initial), x, y, loss_fn)[0],
-                    len(y),
+            rows = []
+            for k, (x, y) in enumerate(tests):
+                seed_global_rng(cfg.seed, k, r, Stream.EVALUATION)  # as the client: dropout at evaluation, if any
+                rows.append(
+                    (evaluate(work, x, y, loss_fn)[0], evaluate(personal.get(k, initial), x, y, loss_fn)[0], len(y))
                 )
-                for k, (x, y) in enumerate(tests)
-            ]
             correct_g, correct_p, n_test = (np.array(c) for c in zip(*rows))
             flags = np.array([k in malicious for k in range(cfg.num_clients)])
             summary = {

@@ -92,7 +92,9 @@ def label(row: dict[str, Any]) -> str:
     if row["kind"] == "personal":
         method = row.get("method.name", "?")
         lam = row.get("method.lam")
-        return f"{method} λ={lam} ({aggregator})" if method == "ditto" else f"{method} ({aggregator})"
+        if method == "ditto" or (method.startswith("finetune") and lam is not None):  # fine-tuning's prox weight
+            return f"{method} λ={lam} ({aggregator})"
+        return f"{method} ({aggregator})"
     method = row.get("method.name", "?")
     if method in GLOBAL_METHODS:
         return f"{method} ({aggregator})"

@@ -38,7 +38,15 @@ from app.data.checks import (
     decode_images,
     read_leaf,
 )
-from app.data.partition import choose_devices, natural_partition, partition_indices, split_device, split_pool, test_pool
+from app.data.partition import (
+    choose_devices,
+    held_out_count,
+    natural_partition,
+    partition_indices,
+    split_device,
+    split_pool,
+    test_pool,
+)
 from app.data.types import DataUnavailable, DeviceData, Federation, LazyDevices, Pool, device_data
 from app.paths import PROJECT_DIR
 
@@ -111,9 +119,12 @@ def _synthetic(dataset: DictConfig, num_clients: int, seed: int) -> Federation:
     test_fraction, stratified = float(dataset.test_fraction), bool(dataset.get("stratified_split", False))
     scale = np.sqrt(np.arange(1, d + 1, dtype=np.float64) ** -1.2)
 
-    def device(k: int) -> DeviceData:
+    def device_rng(k: int) -> tuple[np.random.Generator, int]:
         rng = np.random.default_rng([seed, 0x5E7, k])
-        size = int(rng.lognormal(4, 2)) + 50
+        return rng, int(rng.lognormal(4, 2)) + 50
+
+    def device(k: int) -> DeviceData:
+        rng, size = device_rng(k)
         model_mean, input_mean = rng.normal(0, alpha), rng.normal(0, beta)
         w = rng.normal(model_mean, 1, (d, c))
         b = rng.normal(model_mean, 1, c)
@@ -122,7 +133,10 @@ def _synthetic(dataset: DictConfig, num_clients: int, seed: int) -> Federation:
         train, test = split_device(np.arange(size), test_fraction, seed, k, y if stratified else None)
         return device_data(x.astype(np.float32), y, train, test)
 
-    return Federation(LazyDevices(num_clients, device), (d,), c)
+    def counts() -> list[int]:  # the unstratified split's training counts, without drawing any device's data
+        return [n - held_out_count(n, test_fraction) for n in (device_rng(k)[1] for k in range(num_clients))]
+
+    return Federation(LazyDevices(num_clients, device), (d,), c, None if stratified else counts)
 
 
 def _gaussian_device_means(dataset: DictConfig, num_clients: int, rng: np.random.Generator) -> np.ndarray:

@@ -162,6 +162,11 @@ def natural_partition(ids: np.ndarray) -> list[np.ndarray]:
     ]
 
 
+def held_out_count(size: int, test_fraction: float) -> int:
+    """How many of a device's `size` samples the unstratified split tests on: at least one on each side."""
+    return min(size - 1, max(1, round(test_fraction * size)))
+
+
 def split_device(
     indices: np.ndarray, test_fraction: float, seed: int, device: int, labels: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +176,7 @@ def split_device(
     rng = np.random.default_rng([seed, device])
     if labels is None:
         perm = rng.permutation(indices)
-        n_test = min(len(perm) - 1, max(1, round(test_fraction * len(perm))))
+        n_test = held_out_count(len(perm), test_fraction)
         return perm[n_test:], perm[:n_test]
     train, test = [], []
     for c in np.unique(labels):

@@ -32,6 +32,15 @@ class Federation:
     devices: Sequence[DeviceData]
     input_shape: tuple[int, ...]  # one example, no batch axis
     num_classes: int
+    # each device's training count where the loader knows it without building the devices (a lazy federation):
+    # what size-proportional sampling needs, so the server does not generate every device's data to learn it
+    train_counts: Callable[[], list[int]] | None = None
+
+    def training_counts(self) -> list[int]:
+        """Each device's number of training samples."""
+        if self.train_counts is not None:
+            return self.train_counts()
+        return [len(d.y_train) for d in self.devices]
 
 
 class LazyDevices(Sequence[DeviceData]):

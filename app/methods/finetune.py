@@ -67,7 +67,7 @@ class FinetuneMatched(Finetune):
 
     def finetune_steps(self, device: Device, server_round: int) -> int:
         """`local_steps` for each round up to `server_round` that samples this device (the seeded schedule the
-        server samples by, strategies/sampling.py): the steps its Ditto personal model takes in the same run, where
-        every sampled device replies."""
+        server samples by, strategies/sampling.py): the steps its personal model takes in a Ditto run with a fixed
+        lam (lam auto samples by the 90 % it trains on) where every sampled device replies."""
         rounds = _schedule(self.cfg)[device.partition_id]
         return int(self.cfg.local_steps) * sum(1 for r in rounds if r <= server_round)

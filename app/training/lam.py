@@ -40,7 +40,7 @@ def sampling_sizes(cfg: Mapping[str, Any]) -> tuple[int, ...] | None:
     if cfg["sampling"] != "size":
         return None
     federation = load_federation(cfg["dataset"], int(cfg["num_clients"]), int(cfg["seed"]))
-    return tuple(trained_count(len(d.y_train), cfg["method"]) for d in federation.devices)
+    return tuple(trained_count(n, cfg["method"]) for n in federation.training_counts())
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,16 @@ import torch
 FLOAT64_BLOCK = 4096  # columns per float64 block (distances, geomed): a block of the stack stays in cache
 
 
+def average(x: torch.Tensor) -> torch.Tensor:
+    """The unweighted mean of the rows, summed in float64 as the official `simple_average` does (litian96/ditto
+    flearn/trainers_global/fedbase.py 158-168) and cast back to the stack's dtype, so a float32 stack of finite rows
+    has a finite mean; a float64 stack whose sum overflows is divided before it is summed."""
+    mean = x.sum(dim=0, dtype=torch.float64) / x.shape[0]
+    if not bool(torch.isfinite(mean).all()):
+        mean = (x.to(torch.float64) / x.shape[0]).sum(dim=0)
+    return mean.to(x.dtype)
+
+
 def check_weights(updates: torch.Tensor, weights: torch.Tensor, rule: str) -> None:
     if (
         weights.shape != (updates.shape[0],)

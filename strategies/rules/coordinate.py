@@ -9,17 +9,18 @@ from functools import partial
 import numpy as np
 import torch
 
-from strategies.rules.common import by_column_blocks, check_weights
+from strategies.rules.common import average, by_column_blocks, check_weights
 from strategies.rules.distances import check_stack
 
 
 def mean(
     updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0, *, weighted: bool = False
 ) -> torch.Tensor:
-    """Mean of the updates; weighted by sample count (FedAvg, McMahan et al. 2017) or uniform (official Ditto code)."""
+    """Mean of the updates; weighted by sample count (FedAvg, McMahan et al. 2017) or uniform, summed in float64
+    (official Ditto code: `average`)."""
     check_stack(updates, num_malicious, "mean")
     if not weighted:
-        return updates.mean(dim=0)
+        return average(updates)
     check_weights(updates, weights, "mean")
     w = weights.to(updates.dtype)
     return (w / w.sum()) @ updates
@@ -37,10 +38,17 @@ def _row_medians(block: np.ndarray) -> np.ndarray:
 
 
 def _trimmed_row_means(block: np.ndarray, k: int) -> np.ndarray:
-    """Per row, the mean of the values left after dropping the k smallest and the k largest; partitions in place."""
+    """Per row, the mean of the values left after dropping the k smallest and the k largest, summed in float64;
+    partitions in place. A row whose float64 sum overflows (values near float64's largest) is divided first."""
     n = block.shape[1]
     block.partition([k, n - k - 1], axis=1)
-    return block[:, k : n - k].mean(axis=1, dtype=np.float64)
+    kept = block[:, k : n - k]
+    with np.errstate(over="ignore"):
+        means = kept.mean(axis=1, dtype=np.float64)
+    over = ~np.isfinite(means)
+    if over.any():
+        means[over] = (kept[over] / kept.shape[1]).sum(axis=1, dtype=np.float64)
+    return means
 
 
 def _min_reach_windows(
@@ -120,5 +128,5 @@ def trimmed_mean(
             f"trimmed_mean: trim must be 'beta' (floor(beta n) per side) or 'f' (f per side), got {trim!r}"
         )
     if k == 0:
-        return updates.mean(dim=0)
+        return average(updates)
     return by_column_blocks(updates, partial(_trimmed_row_means, k=k))

@@ -11,6 +11,7 @@ from strategies.rules.common import FLOAT64_BLOCK, check_weights, distances_to
 from strategies.rules.distances import check_stack
 
 _LOG = logging.getLogger(__name__)
+HUGE = 2.0**500  # geomed: beyond this, squared distances and Weiszfeld's weighted sums could overflow float64
 
 
 def weiszfeld(
@@ -72,10 +73,17 @@ def geomed(
 ) -> torch.Tensor:
     """Geometric median, weighted by sample counts (RFA: Pillutla, Kakade, Harchaoui 2022), by smoothed Weiszfeld
     in float64 until the objective is within tol (relative) of its optimum, certified by a duality gap
-    (`weiszfeld`); logs the iterations used, and warns when max_iter ends it first."""
+    (`weiszfeld`); logs the iterations used, and warns when max_iter ends it first. A float64 stack with entries
+    beyond HUGE is solved divided by a power of two (exact; `eps` then applies to the divided rows) and multiplied
+    back, so no square or weighted sum overflows."""
     check_stack(updates, num_malicious, "geomed")
     check_weights(updates, weights, "geomed")
-    z, iterations, gap = weiszfeld(updates, weights, max_iter=max_iter, eps=eps, tol=tol)
+    largest = float(updates.abs().max())
+    scale = 2.0 ** (math.frexp(largest)[1] - 2) if largest > HUGE else 1.0  # entries then below 4
+    z, iterations, gap = weiszfeld(
+        updates / scale if scale > 1 else updates, weights, max_iter=max_iter, eps=eps, tol=tol
+    )
+    z = z * scale
     if gap > tol:
         _LOG.warning(
             "geomed: stopped at max_iter=%d with relative gap %.2e > tol=%.1e: raise aggregator.max_iter",

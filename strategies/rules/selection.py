@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from strategies.rules import kernels
-from strategies.rules.common import POOL, by_column_blocks, distances_to, needs
+from strategies.rules.common import POOL, average, by_column_blocks, distances_to, needs
 from strategies.rules.coordinate import row_means_closest_to_median
 from strategies.rules.distances import bulyan_select, check_stack, krum_select
 
@@ -21,8 +21,9 @@ def _scores_vanish(rule: str, n: int, f: int, small_n: str) -> bool:
     (litian96/ditto flearn/trainers_global/fedbase.py lines 194-198 and 212-217: each score sums the k + 1 = n - f - 1
     smallest distances of a row, its own 0 included, so f + 1 <= n < f + 3 gives 0 for every row, and np.argsort of
     equal scores keeps the rows in order for n <= 16, every official script's clients_per_round). With
-    `small_n=refuse` (the default) such an n is refused instead, naming the fix; n <= f is refused either way (the
-    official slices would select nothing)."""
+    `small_n=refuse` (the default) such an n is refused instead, naming the fix; n <= f is refused either way (there
+    the official Krum scores by all but each row's largest distance and Multi-Krum's m = 0 averages nothing and
+    crashes; the official code reaches it only when every device is corrupted)."""
     if small_n not in SMALL_N:
         raise ValueError(f"{rule}: small_n must be one of {', '.join(SMALL_N)}, got {small_n!r}")
     if small_n == "official" and f + 1 <= n < f + 3:
@@ -75,7 +76,7 @@ def bulyan(updates: torch.Tensor, weights: torch.Tensor, num_malicious: int = 0)
     check_stack(updates, f, "bulyan")
     needs("bulyan", n, f)
     if f == 0:
-        return updates.mean(dim=0)  # theta = n: every update is selected, none is trimmed
+        return average(updates)  # theta = n: every update is selected, none is trimmed
     chosen = bulyan_select(updates, f, n - 2 * f)
     return _bulyan_coordinates(updates, chosen, len(chosen) - 2 * f)
 

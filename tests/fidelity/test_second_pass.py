@@ -17,7 +17,7 @@ from app.config.keys import ConfigError
 from app.data.federation import load_federation
 from app.records.persistence import MemoryStore
 from app.rng import Stream
-from app.training.lam import validation_size
+from app.training.lam import sampling_sizes, validation_size
 from app.training.models import TF_BATCH_NORM_EPS, build_model, get_weights
 from app.training.steps import minibatches
 from strategies.rules.registry import AGGREGATORS, build_aggregator
@@ -154,7 +154,7 @@ def test_krum_where_no_neighbour_counts_refuses_by_default_and_takes_the_first_r
         torch.testing.assert_close(multikrum(x, ones, f, small_n="official"), x[: 5 - f].mean(0))
     torch.testing.assert_close(krum(x, ones, 1, small_n="official"), krum(x, ones, 1), msg="n >= f + 3: unchanged")
     with pytest.raises(ValueError):
-        krum(x, ones, 5, small_n="official")  # n <= f: the official slices select nothing
+        krum(x, ones, 5, small_n="official")  # n <= f: refused (official Multi-Krum crashes there)
     cfg = compose_config(["aggregator=krum", "aggregator.small_n=official", "attack.fraction=0.8"])
     assert cfg.aggregator.small_n == "official"
 
@@ -162,14 +162,43 @@ def test_krum_where_no_neighbour_counts_refuses_by_default_and_takes_the_first_r
 # 7. no bound on updates: every rule finite on finite input
 
 
-def test_every_rule_returns_finite_values_for_a_huge_but_finite_row() -> None:
-    x = torch.randn(11, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    x[3] = 1e300
+@pytest.mark.parametrize(
+    "dtype, big",
+    [
+        (torch.float32, torch.finfo(torch.float32).max),  # what a float32 model can send at most
+        (torch.float32, torch.finfo(torch.float32).max / 2),
+        (torch.float64, 1e300),
+        (torch.float64, torch.finfo(torch.float64).max),
+    ],
+)
+@pytest.mark.parametrize(
+    "rows, signs", [([3], [1]), ([3, 5], [1, 1]), ([1, 3, 5, 7, 9], [1] * 5), ([2, 4, 6], [1, -1, 1])]
+)
+def test_every_rule_returns_finite_values_for_huge_but_finite_rows(
+    dtype: torch.dtype, big: float, rows: list[int], signs: list[int]
+) -> None:
+    """With the norm bound off (the official code has none) a finite stack gives a finite aggregate: the mean sums
+    in float64 (as the official simple_average), the geometric median and the trimmed mean rescale what would
+    overflow. Before: the float32 mean of two rows at float32's largest was inf, geomed of a 1e300 row was inf."""
+    x = torch.randn(11, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for row, sign in zip(rows, signs):
+        x[row] = sign * big
     ones = torch.ones(11, dtype=torch.float64)
     for name in AGGREGATORS:
         out = build_aggregator({"name": name})(x.clone(), ones, 2)
         assert bool(torch.isfinite(out).all()), name
     assert compose_config(["max_update_norm=null"]).max_update_norm is None
+
+
+# sampling by size, every dataset's default: a lazy federation's counts without building its devices
+
+
+def test_size_sampling_of_a_lazy_federation_builds_no_device() -> None:
+    cfg = compose_config(["dataset=synthetic", "num_clients=300"])
+    federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
+    sizes = sampling_sizes(cfg)
+    assert federation.devices._get.cache_info().currsize == 0, "no device's data was drawn to learn its size"
+    assert list(sizes) == [len(d.y_train) for d in federation.devices]
 
 
 # 9. CelebA's batch norm epsilon (tf.layers.batch_normalization's default)

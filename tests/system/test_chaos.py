@@ -32,6 +32,7 @@ CONFIG = [
     "attack=none",
     "personal_state=disk",
     f"seed={SEED}",
+    "sampling=uniform",  # the schedule this seed was chosen for (_sampled: every device trains in some round)
 ]
 RUN_DEADLINE = 1200  # s; the run took 10-14 min on 2 cores shared with five other test runs
 

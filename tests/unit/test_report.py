@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.analysis.report import collect, main, statistics, summary_table
+from app.analysis.report import collect, label, main, statistics, summary_table
 from app.analysis.summary import roles
 from app.errors import UserError
 from app.paths import PROJECT_DIR
@@ -261,3 +261,12 @@ def test_a_real_sweep_with_a_failing_job_then_report_and_notebook(tmp_path: Path
         del os.environ["DITTO_REPORT_DIR"]
     for name in ("scatter.png", "lambda.png", "corruption.png", "per_device.png"):
         assert (sweep / "report" / "notebook" / name).stat().st_size > 1000, name
+
+
+def test_fine_tuning_runs_are_labelled_by_their_proximal_weight() -> None:
+    """finetune at lam 0 and 1 in one sweep are two baselines, not one averaged over both."""
+    base = {"kind": "personal", "aggregator.name": "mean"}
+    assert label({**base, "method.name": "finetune", "method.lam": 0.0}) == "finetune λ=0.0 (mean)"
+    assert label({**base, "method.name": "finetune_matched", "method.lam": 1.0}) == "finetune_matched λ=1.0 (mean)"
+    assert label({**base, "method.name": "finetune"}) == "finetune (mean)", "runs recorded before the key existed"
+    assert label({**base, "method.name": "apfl", "method.lam": 1.0}) == "apfl (mean)"
