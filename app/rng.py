@@ -16,7 +16,7 @@ class Stream(IntEnum):
 
     BATCHES = 0  # the mini-batches of the local steps
     LABEL_POISON = 1  # a malicious device's poisoned labels (round 0)
-    UPDATE_ATTACK = 2  # a malicious device's update attack (numpy: app/attacks.attack_rng)
+    UPDATE_ATTACK = 2  # a malicious device's update attack (numpy: app/threats/attacks.py attack_rng)
     DROPOUT = 3  # torch's global generators during the round (seed_global_rng)
     FINETUNE = 4  # the finetune baseline's mini-batches before an evaluation
     VALIDATION_SPLIT = 5  # lam auto's random validation split (method.val_split=random; round 0)

@@ -36,7 +36,7 @@ import pandas as pd
 from app.analysis import claims, figures
 from app.analysis.summary import GLOBAL_METHODS, paired, per_seed, summarize
 from app.analysis.summary import METRICS as CI_METRICS
-from app.config.keys import dotted
+from app.config.keys import current_names, dotted
 from app.errors import UserError
 from app.records.kinds import LAM_TAG
 from app.records.metrics import SUMMARY_KEYS
@@ -120,7 +120,7 @@ def collect(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         results, failed = job / "results.json", job / "failed.json"
         if results.exists():
             r = json.loads(results.read_text())
-            config = dotted(r["config"])
+            config = dotted(current_names(r["config"]))
             done = len(r.get("rounds", []))
             status = "ok" if done >= int(config.get("num_rounds", done)) else "incomplete"
             error = "" if status == "ok" else f"{done} of {config.get('num_rounds')} rounds"

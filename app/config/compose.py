@@ -11,6 +11,7 @@ from functools import lru_cache
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from app.config.keys import ConfigError
 from app.config.validate import validate
 from app.paths import CONF_DIR
 
@@ -36,11 +37,19 @@ def config_from_overrides(overrides: str, *, client: bool = False) -> DictConfig
     return compose_config(shlex.split(overrides), client=client)
 
 
+_MISSING = object()
+
+
 def main(argv: Sequence[str]) -> int:
     """`ditto-config KEY [OVERRIDE ...]`: print one key of the composed, validated config. A bad key or value
     raises (the command prints it as one line, app/runners/cli.py)."""
     if not argv:
         print("usage: ditto-config KEY [OVERRIDE ...]", file=sys.stderr)
         return 2
-    print(OmegaConf.select(compose_config(argv[1:]), argv[0]))
+    value = OmegaConf.select(compose_config(argv[1:]), argv[0], default=_MISSING)
+    if value is _MISSING:
+        raise ConfigError(
+            f"no such key: '{argv[0]}' is not in the config (ditto-config KEY names a dotted key, e.g. num_rounds)"
+        )
+    print(value)
     return 0

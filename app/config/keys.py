@@ -23,6 +23,21 @@ EXECUTION_KEYS = frozenset(
 )
 
 
+# top-level keys renamed since runs were recorded: old name -> current name
+RENAMED = {"device": "accelerator"}
+
+
+def current_names(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded config with its renamed keys (RENAMED) under their current names, so that a run folder written
+    before a rename is still the same config to skip_done and resume, and the report does not split a setting on
+    the old name."""
+    out = dict(config)
+    for old, new in RENAMED.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
+
+
 class ConfigError(UserError, ValueError):
     """A configuration value that cannot be used; the message names the key and what is allowed."""
 
@@ -40,6 +55,7 @@ def dotted(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def differing_keys(saved: Mapping[str, Any], current: Mapping[str, Any], may_change: Set[str]) -> list[str]:
     """The dotted keys whose values differ between two configs, except those under a top-level key of
-    `may_change`; a key missing on one side counts as null there (a record written before the key existed)."""
-    a, b = dotted(saved), dotted(current)
+    `may_change`; a key missing on one side counts as null there (a record written before the key existed), and a
+    renamed key counts under its current name (`current_names`)."""
+    a, b = dotted(current_names(saved)), dotted(current_names(current))
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k.split(".")[0] not in may_change)

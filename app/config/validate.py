@@ -12,12 +12,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from app.config.keys import ConfigError
+from app.data.federation import load_federation
 from app.data.loaders import DATASETS, FAKE_IMAGE_SHAPES
 from app.data.partition import PARTITIONERS
 from app.methods import METHODS
 from app.threats.attacks import ATTACKS, aggregator_f
 from app.training.compute import accelerator_problem
-from app.training.models import INITS, MODELS
+from app.training.models import INITS, MODELS, dataset_model
 from strategies.rules.registry import AGGREGATORS, check_aggregator
 from strategies.rules.selection import SMALL_N
 from strategies.sampling import SAMPLING
@@ -127,6 +128,7 @@ def validate(cfg: DictConfig, *, client: bool = False) -> None:
         "like": (lambda v: v in FAKE_IMAGE_SHAPES, f"one of {', '.join(FAKE_IMAGE_SHAPES)} (the image shape)"),
         "num_samples": (_int(2), "an integer >= 2"),
         "noise": (_real(0), "a number >= 0"),
+        "attackers": (lambda v: v in ("variance", "shift"), "variance (the paper's) or shift"),
         "init": (lambda v: v in INITS, " or ".join(INITS) + " (official: as the official TF model)"),
         "dropout_at_eval": (lambda v: isinstance(v, bool), "true (official FEMNIST: scored with dropout on) or false"),
     }
@@ -229,6 +231,13 @@ def validate(cfg: DictConfig, *, client: bool = False) -> None:
             "config key 'resume' = True is not allowed with personal_state='memory': personal models "
             "in memory do not outlive the run. Set personal_state=disk (before the run to resume)."
         )
+
+
+def check_data(cfg: DictConfig) -> None:
+    """Load the run's federation (cached for the run) and build its model once: bad or missing data (DataError,
+    DataUnavailable) and a model that cannot serve the data (ModelError) stop here, before any process starts."""
+    federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
+    dataset_model(cfg.dataset, federation.input_shape, federation.num_classes, cfg.seed)
 
 
 def check_flwr_run(cfg: DictConfig) -> None:

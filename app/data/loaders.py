@@ -87,7 +87,7 @@ def standardize_device(x: np.ndarray) -> np.ndarray:
 
 
 def _vehicle(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
-    """LEAF JSON {users, user_data: {u: {x, y}}}, checked (app/data_checks.read_leaf); labels +-1 become 1/0 (the
+    """LEAF JSON {users, user_data: {u: {x, y}}}, checked (app/data/checks.py read_leaf); labels +-1 become 1/0 (the
     SVM's sign convention). Features are used as stored (`preprocess: none`): the official file is already
     standardised per sensor by the official script; `preprocess: standardize` applies that step here."""
     path = data_file(dataset, str(dataset.file))
@@ -179,7 +179,7 @@ def _gaussian_mean(dataset: DictConfig, num_clients: int, seed: int) -> Pool:
 
 def hf_splits(dataset: DictConfig, required: Mapping[str, str]) -> tuple[dict, str]:
     """The dataset's splits {name: datasets.Dataset} from `dataset.path` when it is set, else from the hub
-    (`dataset.hub_id`), each checked to have the `required` columns (app/data_checks.check_columns); and the source,
+    (`dataset.hub_id`), each checked to have the `required` columns (app/data/checks.py check_columns); and the source,
     as error messages name it."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 

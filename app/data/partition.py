@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from app.data.checks import require_split_classes
+from app.data.checks import DataError, require_split_classes
 
 PARTITIONERS = ("consecutive", "dirichlet", "iid", "pathological")
 SHUFFLE = 0x5F1E  # the stream that orders a device's training rows where a partitioner deals them class by class
@@ -91,7 +91,7 @@ def _flwr_partitioner(dataset: DictConfig, num_clients: int, seed: int):  # -> f
 def _check_sizes(parts: Sequence[np.ndarray], hint: str) -> list[np.ndarray]:
     small = [i for i, p in enumerate(parts) if len(p) < 2]
     if small:
-        raise ValueError(f"devices {small} got fewer than 2 samples: {hint}")
+        raise DataError(f"devices {small} got fewer than 2 samples: {hint}")
     return list(parts)
 
 
@@ -104,10 +104,14 @@ def partition_indices(labels: np.ndarray, dataset: DictConfig, num_clients: int,
     table = Dataset.from_dict({"label": labels[order], "index": order})
     partitioner = _flwr_partitioner(dataset, num_clients, seed)
     partitioner.dataset = table
-    return _check_sizes(
-        [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_clients)],
-        "use fewer num_clients or another dataset.partitioner/alpha",
-    )
+    try:
+        parts = [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_clients)]
+    except ValueError as err:  # flwr-datasets' own refusals (more partitions than examples, ...)
+        raise DataError(
+            f"dataset={dataset.name} cannot be split into num_clients={num_clients} devices by "
+            f"dataset.partitioner={dataset.partitioner} ({err}): use fewer num_clients or another partitioner"
+        ) from None
+    return _check_sizes(parts, "use fewer num_clients or another dataset.partitioner/alpha")
 
 
 def split_pool(
@@ -140,7 +144,7 @@ def split_pool(
 def choose_devices(ids: Sequence, num_clients: int, seed: int, what: str) -> list:
     """`num_clients` of a natural federation's device ids: all of them in order, or a seeded subset (kept in order)."""
     if num_clients > len(ids):
-        raise ValueError(
+        raise DataError(
             f"num_clients={num_clients} but this federation has only {len(ids)} {what}: "
             f"set num_clients to at most {len(ids)}"
         )

@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.config.compose import compose_config
-from app.config.validate import check_flwr_run
-from app.data.federation import load_federation
-from app.errors import UserError
+from app.config.validate import check_data, check_flwr_run
 from app.paths import PROJECT_DIR
 from app.records.results import format_table
+from app.runners.refusals import REFUSALS
 
 FLOWER_ENV_FILE = PROJECT_DIR / "scripts" / "flower.env"  # Flower's environment, one place (scripts/env.sh reads it)
 
@@ -118,7 +117,7 @@ def run_flwr(
     cfg = compose_config(overrides)  # a bad key or value stops here, before anything starts
     check_flwr_run(cfg)
     if connection is None:  # a local simulation reads the data here: bad data stops before the SuperLink starts
-        load_federation(cfg.dataset, cfg.num_clients, cfg.seed)  # (a deployment's data live on its SuperNodes)
+        check_data(cfg)  # (a deployment's data live on its SuperNodes)
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr").resolve()
     output_dir = output_dir.resolve()
     env = flower_env(flwr_home)
@@ -178,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         path = run_flwr(args.overrides, out)
-    except UserError:
+    except REFUSALS:
         raise  # a bad config or bad data: the command prints it, exit status 2 (app/runners/refusals.py)
     except Exception as err:  # a failed run: one clear line, exit status 1
         print(f"error: {err}", file=sys.stderr)

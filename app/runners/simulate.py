@@ -36,8 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from app.client_app import make_client_fn
 from app.config.compose import composed
 from app.config.keys import EXECUTION_KEYS, differing_keys
-from app.config.validate import validate
-from app.data.federation import load_federation
+from app.config.validate import check_data, validate
 from app.errors import UserError
 from app.paths import CONF_DIR
 from app.records.progress import show_flower
@@ -60,7 +59,7 @@ def simulate(cfg: DictConfig, out_dir: Path, tuned: bool = True) -> dict:
     """Run one experiment on Flower's simulation engine (tuned by app/runners/engine.py unless `tuned` is false, as the
     benchmarks compare); returns its final metrics (results.json's `final`)."""
     validate(cfg)
-    load_federation(cfg.dataset, cfg.num_clients, cfg.seed)  # bad data stops here, before Ray starts (kept: cached)
+    check_data(cfg)  # bad data or a model that cannot serve it stop here, before Ray starts (the data stay cached)
     before = show_flower(bool(cfg.verbose))
     try:
         with tuned_engine() if tuned else nullcontext():

@@ -1,4 +1,4 @@
-"""Nodes that lie on purpose, to test what a deployment's server refuses (chaos tests; README "Threat model").
+"""Nodes that lie on purpose, to test what a deployment's server refuses (chaos tests; docs/deployment.md).
 
 A SuperNode started with `--node-config "... rogue=\"NAME\""` runs its device honestly except for the lie NAME:
 - `forge-evaluation`: evaluation replies claim one more correct answer than the device has test samples.

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from app.errors import UserError
+
 # F(model; x, y) given the model's output on x: (model, output, labels) -> scalar loss
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -54,6 +56,10 @@ def predictions(out: torch.Tensor) -> torch.Tensor:
         return out.argmax(dim=1)
     score = out[:, 0]
     return torch.where(score > 0, 1, torch.where(score < 0, 0, -1))
+
+
+class ModelError(UserError, ValueError):
+    """A model that cannot serve the dataset; the message names the key and the fix."""
 
 
 class LinearSVM(nn.Module):
@@ -104,7 +110,7 @@ def _logreg(shape: Shape, num_classes: int) -> nn.Module:
 
 def _svm(shape: Shape, num_classes: int) -> nn.Module:
     if num_classes != 2:
-        raise ValueError(f"model svm is binary; this dataset has {num_classes} classes: use dataset.model=logreg")
+        raise ModelError(f"model svm is binary; this dataset has {num_classes} classes: use dataset.model=logreg")
     return LinearSVM(_flat(shape))
 
 

@@ -42,6 +42,19 @@ def test_simulate_refuses_missing_data_in_one_line_naming_the_file(tmp_path: Pat
     _refused(_run("ditto-simulate", *args, cwd=tmp_path), "nowhere")
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["dataset.model=svm"], ["svm", "dataset.model=logreg"]),  # a model that cannot serve 10 classes
+        (["num_clients=2000"], ["num_clients=2000", "fewer num_clients"]),  # more devices than the partitioner can fill
+    ],
+)
+def test_simulate_refuses_data_the_model_or_partitioner_cannot_serve(
+    args: list[str], words: list[str], tmp_path: Path
+) -> None:
+    _refused(_run("ditto-simulate", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path), *words)
+
+
 def test_a_sweep_with_an_unknown_key_is_refused_before_any_job(tmp_path: Path) -> None:
     args = ["-m", "seed=0,1", "num_roundz=3", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     _refused(_run("ditto-simulate", *args, cwd=tmp_path), "num_roundz")
@@ -54,8 +67,13 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["ditto-run", "ditto-deploy"])
-def test_the_flower_commands_refuse_a_bad_config_in_one_line(command: str, tmp_path: Path) -> None:
-    _refused(_run(command, "method.lam=-1", cwd=tmp_path), "method.lam")
+@pytest.mark.parametrize(
+    "override, words", [("method.lam=-1", ["method.lam"]), ("aggregator=krumm", ["aggregator", "krumm"])]
+)
+def test_the_flower_commands_refuse_a_bad_config_in_one_line(
+    command: str, override: str, words: list[str], tmp_path: Path
+) -> None:
+    _refused(_run(command, override, cwd=tmp_path), *words)
 
 
 def test_report_refuses_a_folder_without_results_in_one_line(tmp_path: Path) -> None:
@@ -67,3 +85,4 @@ def test_config_prints_a_key_and_refuses_a_bad_one(tmp_path: Path) -> None:
     ok = _run("ditto-config", "num_rounds", "dataset=vehicle", cwd=tmp_path)
     assert ok.returncode == 0 and ok.stdout.strip().isdigit()
     _refused(_run("ditto-config", "num_rounds", "method=fedfoo", cwd=tmp_path), "fedfoo", "ditto")
+    _refused(_run("ditto-config", "num_round", cwd=tmp_path), "num_round", "no such key")

@@ -1,5 +1,5 @@
-"""GPUs as a first-class target: the `device`, `client_num_gpus` and `deterministic` keys, data and models placed on
-the compute device once, aggregation on the server's device. Tests marked `cuda` run only where torch sees CUDA
+"""GPUs as a first-class target: the `accelerator`, `client_num_gpus` and `deterministic` keys, data and models placed
+on the accelerator once, aggregation on the server's accelerator. Tests marked `cuda` run only where torch sees CUDA
 (scripts/gpu_check.sh runs them on a GPU machine); the others hold on any machine."""
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_the_strategy_builds_the_stack_on_its_device_and_runs_everything_there()
         seen.extend([("reweight stack", stack.device), ("reweight losses", losses.device)])
         return stack
 
-    device = resolve_accelerator("auto")
+    accelerator = resolve_accelerator("auto")
     strategy = RobustStrategy(
         initial_parameters=ndarrays_to_parameters(MODEL),
         aggregate=rule,
@@ -145,7 +145,7 @@ def test_the_strategy_builds_the_stack_on_its_device_and_runs_everything_there()
         seed=0,
         threat_model=threat,
         reweight=reweight,
-        accelerator=device,
+        accelerator=accelerator,
     )
     results = _fit_results(strategy, with_loss=True)
     parameters, _ = strategy.aggregate_fit(1, results, [])
@@ -157,7 +157,7 @@ def test_the_strategy_builds_the_stack_on_its_device_and_runs_everything_there()
         "reweight stack",
         "reweight losses",
     }
-    assert all(d == device for _, d in seen)
+    assert all(d == accelerator for _, d in seen)
     for a in parameters_to_ndarrays(parameters):  # the mean of 1, 2 and 3, back on the host
         np.testing.assert_allclose(a, 2.0)
 
@@ -199,13 +199,13 @@ def _one_device_run(overrides: list[str]) -> tuple[list[np.ndarray], dict]:
     return params, metrics
 
 
-@pytest.mark.parametrize("device", ["auto", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_the_same_seed_gives_the_same_metrics_with_deterministic_on(device: str) -> None:
+@pytest.mark.parametrize("accelerator", ["auto", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_the_same_seed_gives_the_same_metrics_with_deterministic_on(accelerator: str) -> None:
     overrides = [
         *SMALL_IMAGES,
         "dataset.model=cnn_femnist",
         "deterministic=true",
-        f"accelerator={device}",
+        f"accelerator={accelerator}",
     ]  # dropout too
     (a, metrics_a), (b, metrics_b) = _one_device_run(overrides), _one_device_run(overrides)
     assert metrics_a == metrics_b
@@ -234,7 +234,7 @@ def test_every_rule_selects_on_the_gpu_what_it_selects_on_the_cpu(name: str) -> 
     updates = [[rng.standard_normal(a.shape).astype(np.float32) for a in MODEL] for _ in range(11)]
     updates[3] = [u * 50 for u in updates[3]]  # an outlier for the robust rules to leave out
     new = {}
-    for device in ("cpu", "cuda"):
+    for accelerator in ("cpu", "cuda"):
         strategy = RobustStrategy(
             initial_parameters=ndarrays_to_parameters(MODEL),
             aggregate=build_aggregator({"name": name}),
@@ -244,10 +244,10 @@ def test_every_rule_selects_on_the_gpu_what_it_selects_on_the_cpu(name: str) -> 
             eval_every=1,
             seed=0,
             num_malicious=2,
-            accelerator=device,
+            accelerator=accelerator,
         )
         parameters, _ = strategy.aggregate_fit(1, _fit_results(strategy, updates=updates), [])
-        new[device] = parameters_to_ndarrays(parameters)
+        new[accelerator] = parameters_to_ndarrays(parameters)
     for x, y in zip(new["cpu"], new["cuda"]):
         if name == "krum":
             np.testing.assert_array_equal(x, y)

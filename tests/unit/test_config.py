@@ -10,7 +10,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from app.config.compose import compose_config
-from app.config.keys import ConfigError
+from app.config.keys import ConfigError, current_names
 from app.data.loaders import DATASETS
 from app.methods import METHODS
 from app.paths import CONF_DIR
@@ -109,3 +109,14 @@ def test_skip_done_reuses_a_finished_run_of_the_same_config_only(tmp_path: Path)
     record["config"]["another_key"] = 3
     (tmp_path / "results.json").write_text(json.dumps(record))
     assert finished(tmp_path, cfg) is None
+
+
+def test_a_run_recorded_before_a_key_was_renamed_is_the_same_config(tmp_path: Path) -> None:
+    """`device` became `accelerator`: a finished job of an existing sweep is not run again, and the report files
+    its rows under the current name."""
+    config = OmegaConf.to_container(compose_config([]), resolve=True)
+    config["device"] = config.pop("accelerator")
+    (tmp_path / "results.json").write_text(json.dumps({"config": config, "final": {"x": 1}}))
+    assert finished(tmp_path, compose_config(["skip_done=true"])) == {"x": 1}
+    assert finished(tmp_path, compose_config(["skip_done=true", "accelerator=cpu"])) is None, "a changed value counts"
+    assert current_names({"device": "cpu", "seed": 0}) == {"accelerator": "cpu", "seed": 0}

@@ -12,10 +12,11 @@ from app.paths import PROJECT_DIR
 
 # lowest first; a module belongs to the layer of its longest matching prefix
 LAYERS: list[tuple[str, ...]] = [
+    ("strategies",),  # the package's __init__ (it imports nothing)
     ("strategies.rules",),
     ("strategies.fair", "strategies.sampling", "strategies.identity", "strategies.replies", "strategies.nodes"),
     ("strategies.robust",),
-    ("app.paths", "app.rng", "app.errors"),
+    ("app", "app.paths", "app.rng", "app.errors"),
     ("app.training", "app.data", "app.threats", "app.records"),
     ("app.methods",),
     ("app.config",),
@@ -24,16 +25,18 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 
 
-def _modules() -> dict[str, Path]:
+def _modules(root: Path = PROJECT_DIR) -> dict[str, Path]:
     mods = {}
     for package in ("app", "strategies"):
-        for path in (PROJECT_DIR / package).rglob("*.py"):
-            mods[".".join(path.relative_to(PROJECT_DIR).with_suffix("").parts).removesuffix(".__init__")] = path
+        for path in (root / package).rglob("*.py"):
+            mods[".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")] = path
     return mods
 
 
 def _imports(mods: dict[str, Path]) -> dict[str, set[str]]:
-    """Every import of every module, also inside functions and under TYPE_CHECKING, resolved to project modules."""
+    """Every import of every module, also inside functions and under TYPE_CHECKING, relative ones too, resolved to
+    project modules. An import of the module's own package (`from app.methods import X` inside app/methods/) is
+    an edge like any other: the package's __init__ imports its modules, so it closes a circle."""
 
     def resolve(name: str) -> str | None:
         while name and name not in mods:
@@ -42,16 +45,21 @@ def _imports(mods: dict[str, Path]) -> dict[str, set[str]]:
 
     edges: dict[str, set[str]] = {m: set() for m in mods}
     for module, path in mods.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
             else:
                 continue
             for target in targets:
                 found = resolve(target)
-                if found and found != module and not module.startswith(found + "."):
+                if found and found != module:
                     edges[module].add(found)
     return edges
 
@@ -113,13 +121,49 @@ def test_imports_only_run_down_the_layers() -> None:
     assert upward == []
 
 
+def test_every_module_is_in_a_layer_and_every_folder_is_a_package() -> None:
+    """A new module must be placed (here and in docs/architecture.md); a folder without __init__.py would be left
+    out of the installed package (setuptools finds regular packages only)."""
+    for module in _modules():
+        _layer(module)
+    for package in ("app", "strategies"):
+        for folder in [PROJECT_DIR / package, *(p for p in (PROJECT_DIR / package).rglob("*") if p.is_dir())]:
+            if any(folder.glob("*.py")):
+                assert (folder / "__init__.py").exists(), folder
+
+
+def test_the_training_steps_import_no_flower() -> None:
+    """app/training/ is plain PyTorch, so the Ditto step runs and is tested without Flower."""
+    for path in (PROJECT_DIR / "app" / "training").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "flwr" or n.startswith("flwr.") for n in names), path
+
+
 def test_strategies_import_nothing_from_app() -> None:
     edges = _imports(_modules())
     assert [f"{m} -> {t}" for m in edges if m.startswith("strategies") for t in edges[m] if t.startswith("app")] == []
 
 
-def test_the_checks_can_fail() -> None:
-    """The layer and circle checks catch what they are for, on a made-up graph."""
+def test_the_checks_can_fail(tmp_path: Path) -> None:
+    """The import scan, the layer and circle checks catch what they are for, on made-up modules."""
+    for name, text in {
+        "app/__init__.py": "",
+        "app/methods/__init__.py": "from app.methods.ditto import Ditto\n",
+        "app/methods/ditto.py": "from app.methods import Ditto\nfrom ..config import validate\n",
+        "app/config/__init__.py": "",
+        "app/config/validate.py": "def f():\n    import app.runners.cli\n",
+        "app/runners/__init__.py": "",
+        "app/runners/cli.py": "",
+        "strategies/__init__.py": "",
+    }.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    edges = _imports(_modules(tmp_path))
+    assert edges["app.methods.ditto"] == {"app.methods", "app.config", "app.config.validate"}, "own package, relative"
+    assert edges["app.config.validate"] == {"app.runners.cli"}, "imports inside functions"
+    assert _cycles(edges) == [["app.methods", "app.methods.ditto"]]
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
     assert _layer("app.runners.simulate") > _layer("app.config.compose") > _layer("app.methods.ditto")
     assert _layer("app.training.lam") == _layer("app.records.kinds")

@@ -1,0 +1,2 @@
+"""What sweeps show: collection, statistics over seeds, the claim per setting, figures, and the paper's analysis of
+lambda."""

@@ -1,0 +1,1 @@
+"""Threat models: the attacks of malicious devices, and nodes that lie (for the chaos tests)."""
