@@ -16,6 +16,7 @@ from app.config.compose import compose_config
 from app.config.keys import ConfigError
 from app.data.federation import load_federation
 from app.data.loaders import DATASETS
+from app.data.types import DataUnavailable
 from app.records.persistence import MemoryStore
 from app.server_app import build_components
 from app.threats.attacks import corrupts_labels
@@ -131,7 +132,10 @@ def test_lam_auto_searches_on_every_vehicle_device_by_default() -> None:
     """The old guard of 4 validation samples fixed lam = 1 on 14 of the 23 Vehicle devices; the official code
     searches on all of them."""
     cfg = compose_config(["dataset=vehicle", "method.lam=auto"])
-    devices = load_federation(cfg.dataset, cfg.num_clients, cfg.seed).devices
+    try:
+        devices = load_federation(cfg.dataset, cfg.num_clients, cfg.seed).devices
+    except DataUnavailable as err:
+        pytest.skip(f"the shared Vehicle file is not on this machine: {err}")
     assert all(validation_size(len(d.y_train), 0.1) > 0 for d in devices)
     guarded = sum(validation_size(len(d.y_train), 0.1, 4) == 0 for d in devices)
     assert guarded == 14
