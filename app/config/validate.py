@@ -214,6 +214,12 @@ def validate(cfg: DictConfig, *, client: bool = False) -> None:
         if option in cfg.method:
             _check(cfg, f"method.{option}", ok, allowed)
     lam = cfg.method.get("lam")
+    if lam is not None and not METHODS[cfg.method.name].takes_lam:
+        takes = ", ".join(name for name, method in METHODS.items() if method.takes_lam)
+        raise ConfigError(
+            f"config key 'method.lam' = {lam!r} is not allowed with method={cfg.method.name}: it trains with no lam "
+            f"(only method={takes} read it). Remove method.lam."
+        )
     if isinstance(lam, Sequence) and not isinstance(lam, str) and not METHODS[cfg.method.name].lam_lists:
         takes = ", ".join(name for name, method in METHODS.items() if method.lam_lists)
         raise ConfigError(

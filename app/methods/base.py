@@ -41,6 +41,7 @@ class Method:
     keeps_personal: ClassVar[bool] = False  # a personal model is kept on the device between rounds
     scores_personal: ClassVar[bool] = False  # each evaluation scores a personal model besides w
     trains_global: ClassVar[bool] = True  # the device runs the global step and sends its update (else: zero)
+    takes_lam: ClassVar[bool] = False  # method.lam is read (Ditto's personal step, fine-tuning's proximal term)
     lam_lists: ClassVar[bool] = False  # method.lam may be a list: one personal model per lam, trained side by side
     lam_auto: ClassVar[bool] = False  # method.lam may be auto: the personal step chooses its lam per step
 

@@ -15,6 +15,7 @@ from app.records.persistence import DeviceState
 class Ditto(Method):
     keeps_personal = True
     scores_personal = True
+    takes_lam = True
     lam_lists = True
     lam_auto = True
 

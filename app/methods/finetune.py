@@ -27,6 +27,7 @@ from strategies.sampling import sampled_rounds
 
 class Finetune(Method):
     scores_personal = True
+    takes_lam = True  # the weight of its proximal term
 
     def finetune_steps(self, device: Device, server_round: int) -> int:
         """`method.steps`, or (null) the official budget max(int(finetune_iters * n_k / B), finetune_iters)."""

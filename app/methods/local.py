@@ -8,5 +8,6 @@ from app.methods.ditto import Ditto
 
 class Local(Ditto):
     trains_global = False
-    lam_lists = False  # its lam is 0
+    takes_lam = False  # its lam is 0
+    lam_lists = False
     lam_auto = False

@@ -120,3 +120,12 @@ def test_a_run_recorded_before_a_key_was_renamed_is_the_same_config(tmp_path: Pa
     assert finished(tmp_path, compose_config(["skip_done=true"])) == {"x": 1}
     assert finished(tmp_path, compose_config(["skip_done=true", "accelerator=cpu"])) is None, "a changed value counts"
     assert current_names({"device": "cpu", "seed": 0}) == {"accelerator": "cpu", "seed": 0}
+
+
+def test_lam_is_refused_for_methods_that_train_without_it() -> None:
+    """local trains its personal model with lam 0, global/qffl/tilted/apfl have no lam: an added +method.lam would
+    be silently ignored or change local's meaning."""
+    for method in ("local", "global", "apfl", "qffl"):
+        with pytest.raises(ConfigError, match=f"'method.lam'.*method={method}.*Remove method.lam"):
+            compose_config([f"method={method}", "+method.lam=0.5"])
+    assert compose_config(["method=finetune", "method.lam=0"]).method.lam == 0
