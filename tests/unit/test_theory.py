@@ -23,7 +23,8 @@ from app.analysis.theory import (
     simulate,
     simulated_curves,
 )
-from app.config.compose import compose_config
+from app.config.compose import compose_config, composed
+from app.config.keys import ConfigError
 from app.data.federation import load_federation
 
 CASES = [
@@ -213,7 +214,10 @@ def test_the_generator_shifts_attackers_means_by_tau_a_in_the_shift_variant() ->
 
 
 def test_the_generator_refuses_an_unknown_attacker_model() -> None:
-    cfg = compose_config(["dataset=gaussian_mean", "attack=none", "dataset.attackers=colluding"])
+    overrides = ["dataset=gaussian_mean", "attack=none", "dataset.attackers=colluding"]
+    with pytest.raises(ConfigError, match="'dataset.attackers' = 'colluding'.*variance.*shift"):
+        compose_config(overrides)  # refused with the config, before any data is drawn
+    cfg = composed(overrides)  # and by the generator itself, for a config that skipped validation
     with pytest.raises(ValueError, match="dataset.attackers"):
         load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
 
