@@ -7,7 +7,9 @@ Malicious devices apply the configured attack."""
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,9 @@ import torch
 from flwr.app import Context
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import NDArrays, Scalar
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from app.config.compose import config_from_overrides
+from app.config.compose import client_config, frozen_text
 from app.data.federation import load_federation
 from app.methods import METHODS
 from app.records.persistence import DeviceState, DiskStore, MemoryStore, PersonalStore
@@ -60,6 +62,14 @@ def placed_data(cfg: DictConfig, partition_id: int, accelerator: torch.device) -
     return placed
 
 
+@lru_cache(maxsize=8)
+def _initial_model(cfg: DictConfig, accelerator: str) -> torch.nn.Module:
+    """The run's initial model on `accelerator`, built once per process: a message's models are copies of it (the same
+    seeded initialisation, without building and initialising a model per message)."""
+    federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
+    return dataset_model(cfg.dataset, federation.input_shape, federation.num_classes, cfg.seed).to(accelerator)
+
+
 class DeviceClient(NumPyClient):
     """Device `partition_id` running the configured method (app/methods/); `store` keeps its personal state between
     rounds (app/records/persistence.py). The methods read it through `app.methods.base.Device`."""
@@ -74,9 +84,7 @@ class DeviceClient(NumPyClient):
         self.malicious = partition_id in attackers(cfg)
         self.objective = objective(cfg.dataset)
         self.accelerator = resolve_accelerator(str(cfg.accelerator))
-        self._build = lambda: dataset_model(cfg.dataset, federation.input_shape, federation.num_classes, cfg.seed).to(
-            self.accelerator
-        )
+        self._build = lambda: copy.deepcopy(_initial_model(cfg, str(self.accelerator)))
         self.x_train, self.y_train, self.x_test, self.y_test, self.plan = placed_data(
             cfg, partition_id, self.accelerator
         )
@@ -190,10 +198,12 @@ def make_client_fn(cfg: DictConfig | None = None, out_dir: Path | None = None): 
     """client_fn for a fixed config and output folder (Hydra entry) or, with None, the config and output-dir named
     by the run config (flwr run)."""
 
+    text = None if cfg is None else OmegaConf.to_yaml(cfg, resolve=True)  # what travels with each message
+
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # one Ray actor per core: no oversubscription
         overrides = str(context.run_config.get("overrides", ""))
-        run_cfg = cfg if cfg is not None else config_from_overrides(overrides, client=True)
+        run_cfg = frozen_text(text) if text is not None else client_config(overrides)
         set_deterministic(bool(run_cfg.deterministic))
         run_out = out_dir if cfg is not None else (str(context.run_config.get("output-dir", "")).strip() or None)
         pid = _partition_id(context, run_cfg)

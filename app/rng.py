@@ -39,4 +39,8 @@ def seed_global_rng(seed: int, device: int, server_round: int, stream: Stream = 
     """Seed torch's global generators, CPU and CUDA (what dropout draws from), for this device's round (`stream`:
     its training, DROPOUT, or its evaluation, EVALUATION), so masks do not depend on which worker runs it (on a GPU
     they come from the CUDA generator: other masks than on the CPU, the same ones run after run)."""
-    torch.manual_seed(int(round_generator(seed, device, server_round, stream).initial_seed()))
+    value = int(round_generator(seed, device, server_round, stream).initial_seed())
+    if torch.cuda.is_available():
+        torch.manual_seed(value)
+    else:  # the same CPU seed; torch.manual_seed would also queue a lazy CUDA seed, with a stack trace, every call
+        torch.default_generator.manual_seed(value)

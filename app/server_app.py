@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class ResultsServer(Server):
         self.resumed = 0  # the round of the checkpoint this run continues from (0: a fresh run)
         self.num_rounds = int(cfg.num_rounds)
         self.progress: Progress | None = None
+        self.seconds = {"fit": 0.0, "evaluate": 0.0}  # Flower's fit and evaluation phases of this run's rounds
 
     def _checkpoint(self, server_round: int) -> None:
         save_checkpoint(
@@ -85,16 +87,30 @@ class ResultsServer(Server):
             history, elapsed = super().fit(num_rounds, timeout)
         finally:
             self.progress.close()
-        self.recorder.write(self.strategy.rounds, self.strategy.connected_after)
+        identification = self.strategy.nodes.identification_seconds
+        timing = {
+            "training_seconds": self.seconds["fit"] - identification,
+            "evaluation_seconds": self.seconds["evaluate"],
+            "identification_seconds": identification,
+        }
+        self.recorder.write(self.strategy.rounds, self.strategy.connected_after, timing)
         return history, elapsed
 
     def fit_round(self, server_round: int, timeout: float | None):  # -> (parameters, metrics, (results, failures))
-        """Flower's `Server.fit_round` (flwr/server/server.py lines 205-249, 1.41.0-1.42.0) without its log lines, whose
-        count of available nodes (`num_available()`) re-lists the whole federation through the grid every round
-        (the strategy logs the round itself); a round the resumed checkpoint holds is skipped. A copy:
-        tests/contracts/test_flower_seams.py fails when Flower's original changes."""
+        """The round's fit phase, timed; a round the resumed checkpoint holds is skipped."""
         if server_round <= self.resumed:
             return None
+        began = time.perf_counter()
+        try:
+            return self._fit_round(server_round, timeout)
+        finally:
+            self.seconds["fit"] += time.perf_counter() - began
+
+    def _fit_round(self, server_round: int, timeout: float | None):  # -> (parameters, metrics, (results, failures))
+        """Flower's `Server.fit_round` (flwr/server/server.py lines 205-249, 1.41.0-1.42.0) without its log lines, whose
+        count of available nodes (`num_available()`) re-lists the whole federation through the grid every round
+        (the strategy logs the round itself). A copy: tests/contracts/test_flower_seams.py fails when Flower's
+        original changes."""
         instructions = self.strategy.configure_fit(
             server_round=server_round, parameters=self.parameters, client_manager=self._client_manager
         )
@@ -110,7 +126,9 @@ class ResultsServer(Server):
         """Flower's federated evaluation, then the round's checkpoint (when due) and progress line."""
         if server_round <= self.resumed:
             return None
+        began = time.perf_counter()
         res = super().evaluate_round(server_round, timeout)
+        self.seconds["evaluate"] += time.perf_counter() - began
         every = int(self.cfg.checkpoint_every)
         if every > 0 and (server_round % every == 0 or server_round == self.num_rounds):
             self._checkpoint(server_round)
@@ -137,9 +155,12 @@ def check_resumable(saved: dict, current: dict) -> None:
         )
 
 
-def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
+def build_components(
+    cfg: DictConfig, out_dir: Path, simulated_nodes: Mapping[int, int] | None = None
+) -> ServerAppComponents:
     """The strategy and server for one run of `cfg`, writing into `out_dir`; aggregation runs on `cfg.accelerator` as
-    this process resolves it (app/training/compute.py)."""
+    this process resolves it (app/training/compute.py). `simulated_nodes`: Flower's simulation's node id -> partition
+    id (app/runners/engine.py), which spares a message per device before round 1."""
     set_deterministic(bool(cfg.deterministic))
     federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
     model = dataset_model(cfg.dataset, federation.input_shape, federation.num_classes, cfg.seed)
@@ -165,6 +186,7 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
         device_keys=None if cfg.device_keys is None else load_device_keys(Path(cfg.device_keys), cfg.num_clients),
         evaluation_keys=METHODS[cfg.method.name].required_metrics(plan_kinds(cfg.method)),
         accelerator=resolve_accelerator(str(cfg.accelerator)),
+        simulated_nodes=simulated_nodes,
     )
     return ServerAppComponents(
         server=ResultsServer(strategy, recorder, cfg),
@@ -172,9 +194,9 @@ def build_components(cfg: DictConfig, out_dir: Path) -> ServerAppComponents:
     )
 
 
-def make_server_app(cfg: DictConfig, out_dir: Path) -> ServerApp:
+def make_server_app(cfg: DictConfig, out_dir: Path, simulated_nodes: Mapping[int, int] | None = None) -> ServerApp:
     """A ServerApp for a fixed config (the Hydra entry: run_simulation gives the app an empty run config)."""
-    return ServerApp(server_fn=lambda context: build_components(cfg, out_dir))
+    return ServerApp(server_fn=lambda context: build_components(cfg, out_dir, simulated_nodes))
 
 
 def _server_fn(context: Context) -> ServerAppComponents:

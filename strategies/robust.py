@@ -8,7 +8,7 @@ Clients send updates (w_k - w^t); the strategy sets w^{t+1} = w^t + aggregate(up
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -66,7 +66,8 @@ class RobustStrategy(Strategy):
     logged, counted (`excluded_nodes`, the reasons in `exclusions`) and left out, and the run goes on without it.
     Before the first round the strategy waits (`connect_timeout`) until every device is identified, and starts with
     fewer only if at least `min_devices` (default: `clients_per_round`) are; else it stops with an error naming the
-    missing.
+    missing. In Flower's simulation, `simulated_nodes` (node id -> partition id, as the engine registered them)
+    names each node's device without a message (strategies/nodes.py).
 
     Every `eval_every` rounds and after the last round, every device evaluates. A reply counts for the device the
     request was sent to, never for what it says, and only if `check_evaluation` accepts it (with the metrics
@@ -108,6 +109,7 @@ class RobustStrategy(Strategy):
         min_devices: int | None = None,
         evaluation_keys: frozenset[str] = frozenset(),
         accelerator: torch.device | str = "cpu",
+        simulated_nodes: Mapping[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.initial_parameters = initial_parameters
@@ -133,6 +135,7 @@ class RobustStrategy(Strategy):
             min_devices=clients_per_round if min_devices is None else min_devices,
             device_keys=device_keys,
             exclude=self._exclude,
+            simulated=simulated_nodes,
         )
         self.rounds: list[dict[str, Any]] = []
         self._global: NDArrays = []

@@ -37,6 +37,27 @@ def config_from_overrides(overrides: str, *, client: bool = False) -> DictConfig
     return compose_config(shlex.split(overrides), client=client)
 
 
+def frozen(cfg: DictConfig) -> DictConfig:
+    """`cfg` with every interpolation resolved, read-only, built once per process for equal configs: what a device
+    reads on every message (an interpolated key such as `num_clients: ${dataset.num_clients}` is parsed again on each
+    read, and comparing two interpolated configs resolves both: half of a small device's round, before this)."""
+    return frozen_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@lru_cache(maxsize=8)
+def frozen_text(text: str) -> DictConfig:
+    """The read-only config of a resolved YAML `text` (`frozen`'s cache: a process keeps one object per config)."""
+    cfg = OmegaConf.create(text)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+@lru_cache(maxsize=8)
+def client_config(overrides: str) -> DictConfig:
+    """`config_from_overrides(overrides, client=True)`, frozen: what a device of `flwr run` reads."""
+    return frozen(config_from_overrides(overrides, client=True))
+
+
 _MISSING = object()
 
 

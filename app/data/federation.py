@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 
 from omegaconf import DictConfig, OmegaConf
@@ -13,7 +14,18 @@ from app.data.types import Federation, device_data
 
 def load_federation(dataset: DictConfig, num_clients: int, seed: int) -> Federation:
     """The federation for this config; built once per process and reused (messages do not re-read data)."""
-    return _load(OmegaConf.to_yaml(dataset, resolve=True), num_clients, seed)
+    kept = _TEXTS.get(id(dataset))
+    if kept is not None and kept[0]() is dataset:
+        return _load(kept[1], num_clients, seed)
+    text = OmegaConf.to_yaml(dataset, resolve=True)
+    if OmegaConf.is_readonly(dataset):
+        _TEXTS[id(dataset)] = (weakref.ref(dataset, lambda _, key=id(dataset): _TEXTS.pop(key, None)), text)
+    return _load(text, num_clients, seed)
+
+
+# the YAML of read-only dataset configs (a device's frozen config, app/config/compose.py: it cannot change), by the
+# object's id while it lives (a WeakKeyDictionary would compare configs by value on every lookup)
+_TEXTS: dict[int, tuple[weakref.ref, str]] = {}
 
 
 @lru_cache(maxsize=4)

@@ -58,10 +58,13 @@ class RunRecorder:
         log(INFO, "round %d evaluation over %d devices: %s", server_round, len(rows), _one_line(summary))
         return summary
 
-    def write(self, rounds: list[dict[str, Any]], connected_after: float | None = None) -> Path:
+    def write(
+        self, rounds: list[dict[str, Any]], connected_after: float | None = None, timing: dict[str, float] | None = None
+    ) -> Path:
         """Write results.json, clients.csv and per_device_accuracy.png; return the results.json path.
         `connected_after`: seconds from the server's start until every device had connected and been identified
-        (the start-up inside round 1's time)."""
+        (the start-up inside round 1's time); `timing`: the seconds of the run's training rounds, evaluations and
+        identification of the devices, as the server measured them (benchmarks/sweep.py)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         results = {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -74,6 +77,7 @@ class RunRecorder:
             "rejected_evaluations_total": sum(r.get("rejected_evaluations", 0) for r in rounds),
             "excluded_nodes_total": sum(r.get("excluded_nodes", 0) for r in rounds),
             "connected_after_seconds": connected_after,
+            "timing": timing,
         }
         path = self.out_dir / "results.json"
         tmp = path.with_suffix(".json.tmp")

@@ -1,14 +1,16 @@
 """Flower's in-memory simulation engine, tuned for short rounds and many devices, inside `with tuned_engine():`
 (the Hydra entry point wraps its `run_simulation` call in it; deployment and `flwr run .` are untouched).
 
-Two costs of the stock engine come from neither training nor messages (profiled with py-spy, measured with
+Three costs of the stock engine come from neither training nor messages (profiled with py-spy, measured with
 benchmarks/overhead.py and benchmarks/scale.py):
 - its dispatcher (`vce_api.add_messages_to_queue`) asks the LinkState for a message once per NODE every 0.1 s, and
   each ask scans every stored message: O(nodes x messages) work per poll under the state's lock, which grows with
   the federation although a round only talks to the sampled devices;
-- the in-memory grid polls for replies every 0.1 s, so every message waits for two 0.1 s ticks.
+- the in-memory grid polls for replies every 0.1 s, so every message waits for two 0.1 s ticks;
+- its workers wait up to 1 s on an empty queue before they see that the run has ended.
 Inside the block the dispatcher asks only the nodes that have undelivered messages (one scan of the store per poll,
-then the same per-node `get_message_ins(node, limit=1)` call as Flower's) and both poll every `poll` seconds.
+then the same per-node `get_message_ins(node, limit=1)` call as Flower's), both poll every `poll` seconds, and the
+workers' waits are capped at 0.05 s (PromptQueue).
 Messages, their order per node and the state's API are unchanged; only who is asked, and how often, changes.
 
 Every reach into Flower is listed in ASSUMPTIONS, checked on entry (EngineMismatch names each that fails) and tested
@@ -114,6 +116,28 @@ def check_grid() -> None:
         raise EngineMismatch("InMemoryGrid(state_factory, pull_interval) no longer polls every pull_interval")
 
 
+def check_queues() -> None:
+    # Reach: vce_api.run_api builds its two message queues from the module global `Queue`; the workers and the reply
+    # injector wait on them with `get(timeout=1.0)` and look at the stop event between waits.
+    if not _reads_global(getattr(vce_api, "run_api", None), "Queue"):
+        raise EngineMismatch("flwr.server.superlink.fleet.vce.vce_api.run_api no longer builds its queues from Queue")
+    for name in ("worker", "put_message_into_state"):
+        if "get(timeout=1.0)" not in inspect.getsource(getattr(vce_api, name)):
+            raise EngineMismatch(f"vce_api.{name} no longer waits on its queue with get(timeout=1.0)")
+
+
+def check_nodes() -> None:
+    # Reach: vce_api.start_vce registers the simulation's nodes with the module global `_register_nodes(num_nodes,
+    # state_factory)`, which returns {node id: partition id}: the partition id each node's context is given.
+    original = getattr(vce_api, "_register_nodes", None)
+    if original is None or _params(original) != ["num_nodes", "state_factory"]:
+        raise EngineMismatch(
+            "flwr.server.superlink.fleet.vce.vce_api._register_nodes(num_nodes, state_factory) is gone"
+        )
+    if not _reads_global(getattr(vce_api, "start_vce", None), "_register_nodes"):
+        raise EngineMismatch("vce_api.start_vce no longer registers its nodes with the module global _register_nodes")
+
+
 def check_state() -> None:
     # Reach: _main_loop's LinkStateFactory is built on FLWR_IN_MEMORY_DB_NAME, which gives an InMemoryLinkState;
     # `get_message_ins(node_id, limit)` hands out undelivered messages (metadata.delivered_at == "") and marks them.
@@ -129,7 +153,7 @@ def check_state() -> None:
     )
 
 
-ASSUMPTIONS = (check_version, check_dispatcher, check_grid, check_state)
+ASSUMPTIONS = (check_version, check_dispatcher, check_grid, check_queues, check_nodes, check_state)
 
 
 def check_assumptions() -> None:
@@ -171,6 +195,16 @@ def dispatcher(poll: float) -> Callable[[Any, Queue, Any, threading.Event], None
     return add_messages_to_queue
 
 
+class PromptQueue(Queue):
+    """The engine's message queues, whose waits last at most `wait` seconds: Flower's workers wait up to 1 s on an
+    empty queue before they see that the run has ended (half a second per run, on average, after the last round)."""
+
+    wait = 0.05
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return super().get(block, self.wait if block and (timeout is None or timeout > self.wait) else timeout)
+
+
 class TunedGrid(InMemoryGrid):
     """InMemoryGrid that refuses, in the caller's thread and before anything starts, a state the dispatcher cannot
     read (the simulation's dispatcher thread shares the grid's state: LinkStateFactory.state() is cached)."""
@@ -180,18 +214,34 @@ class TunedGrid(InMemoryGrid):
         _store(self.state)
 
 
+def recording(register: Callable[[int, Any], dict[int, int]], into: dict[int, int]) -> Callable:
+    """vce_api._register_nodes, also writing its {node id: partition id} into `into`."""
+
+    def _register_nodes(num_nodes: int, state_factory: Any) -> dict[int, int]:
+        mapping = register(num_nodes, state_factory)
+        into.update(mapping)
+        return mapping
+
+    return _register_nodes
+
+
 @contextmanager
-def tuned_engine(poll: float = POLL) -> Iterator[None]:
-    """Within the block, `flwr.simulation.run_simulation` uses the tuned dispatcher and grid; on exit (also on an
-    error) Flower's own are back. Raises EngineMismatch before changing anything if the installed Flower breaks an
-    assumption. The replacement is process-wide while the block runs (Flower reads both as module globals): one
-    simulation at a time, and no nesting."""
+def tuned_engine(poll: float = POLL) -> Iterator[dict[int, int]]:
+    """Within the block, `flwr.simulation.run_simulation` uses the tuned dispatcher, grid and queues; on exit (also on
+    an error) Flower's own are back. Yields a dict that the simulation fills, once its engine starts, with each node's
+    partition id (node id -> partition id: what the strategy would otherwise ask every node before round 1). Raises
+    EngineMismatch before changing anything if the installed Flower breaks an assumption. The replacement is
+    process-wide while the block runs (Flower reads them as module globals): one simulation at a time, and no
+    nesting."""
     check_assumptions()
     module = _run_simulation_module()
-    saved = vce_api.add_messages_to_queue, module.InMemoryGrid
+    nodes: dict[int, int] = {}
+    saved = vce_api.add_messages_to_queue, module.InMemoryGrid, vce_api.Queue, vce_api._register_nodes
     vce_api.add_messages_to_queue = dispatcher(poll)  # the thread target run_api looks up (check_dispatcher)
     module.InMemoryGrid = partial(TunedGrid, pull_interval=poll)  # the grid _main_loop builds (check_grid)
+    vce_api.Queue = PromptQueue  # the queues run_api builds (check_queues)
+    vce_api._register_nodes = recording(saved[3], nodes)  # what start_vce registers its nodes with (check_nodes)
     try:
-        yield
+        yield nodes
     finally:
-        vce_api.add_messages_to_queue, module.InMemoryGrid = saved
+        vce_api.add_messages_to_queue, module.InMemoryGrid, vce_api.Queue, vce_api._register_nodes = saved

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -43,6 +44,7 @@ from app.records.progress import show_flower
 from app.records.results import format_table
 from app.runners.engine import tuned_engine
 from app.runners.refusals import DEBUG_FLAG, REFUSALS, debugging, refuse
+from app.runners.runtime import kept_runtime
 from app.server_app import make_server_app
 
 
@@ -62,9 +64,9 @@ def simulate(cfg: DictConfig, out_dir: Path, tuned: bool = True) -> dict:
     check_data(cfg)  # bad data or a model that cannot serve it stop here, before Ray starts (the data stay cached)
     before = show_flower(bool(cfg.verbose))
     try:
-        with tuned_engine() if tuned else nullcontext():
+        with kept_runtime(), tuned_engine() if tuned else nullcontext() as nodes:
             run_simulation(
-                server_app=make_server_app(cfg, out_dir),
+                server_app=make_server_app(cfg, out_dir, nodes),
                 client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
                 num_supernodes=cfg.num_clients,
                 backend_config={
@@ -95,7 +97,7 @@ def clear_attempt(out_dir: Path) -> None:
     """Remove what an earlier attempt in a reused job folder left that this run would not overwrite before it ends:
     its results.json or failed.json (the report would read them if this run failed or were stopped) and its personal
     models in the default disk location (a device would start from another config's model)."""
-    for name in ("results.json", "failed.json"):
+    for name in ("results.json", "failed.json", "job.json"):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / "personal_state", ignore_errors=True)
 
@@ -121,8 +123,9 @@ def main(cfg: DictConfig) -> dict | None:
     print(f"[sweep] job {hc.job.num + 1}/{total}: {' '.join(overrides)}", flush=True)  # its progress line follows
     if not cfg.resume:
         clear_attempt(out_dir)
+    began = time.perf_counter()
     try:
-        return simulate(cfg, out_dir)
+        final = simulate(cfg, out_dir)
     except Exception as err:  # one failed job must not stop the sweep; the collector lists it
         (out_dir / "failed.json").write_text(
             json.dumps(
@@ -131,7 +134,10 @@ def main(cfg: DictConfig) -> dict | None:
             )
         )
         log(ERROR, "[sweep] job %d/%d failed (%s): %s", hc.job.num + 1, total, " ".join(overrides), err)
-        return None
+        final = None
+    job = {"overrides": overrides, "seconds": time.perf_counter() - began, "done": final is not None}
+    (out_dir / "job.json").write_text(json.dumps(job))  # the job's time as the sweep ran it (benchmarks/sweep.py)
+    return final
 
 
 def first_job(argv: Sequence[str]) -> tuple[list[str], bool] | None:
@@ -166,5 +172,6 @@ def command() -> int:
             composed(overrides) if multirun else validate(composed(overrides))
     except REFUSALS as err:
         return refuse(err, debug)
-    main()
+    with kept_runtime():  # one Ray runtime and actor pool for every job of a sweep, stopped when the command ends
+        main()
     return 0

@@ -42,7 +42,7 @@ def _mirrored(function) -> str:  # -> SHA-256 of the function's statements witho
 
 def test_flowers_fit_round_is_still_the_one_results_server_copies() -> None:
     assert _mirrored(Server.fit_round) == FIT_ROUND_SHA256, (
-        "Flower's Server.fit_round changed: make ResultsServer.fit_round (app/server_app.py) do what it now does "
+        "Flower's Server.fit_round changed: make ResultsServer._fit_round (app/server_app.py) do what it now does "
         "(without its log lines), then set FIT_ROUND_SHA256 to the new value"
     )
 
