@@ -32,7 +32,7 @@ from pathlib import Path
 from app.config.compose import compose_config
 from app.paths import PROJECT_DIR
 from app.records.results import format_table
-from app.runners.launch import flower_env, run_flwr, stop
+from app.runners.launch import flower_env, run_flwr, session_pids, stop
 
 CONNECTION = "deployment"
 
@@ -114,23 +114,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def session_pids(leader: int) -> set[int]:
-    """`leader`, every process of its session and all their descendants (the processes a Flower process starts:
-    SuperExec, which makes a session of its own, and the app processes under it)."""
-    table: dict[int, tuple[int, int]] = {}  # pid -> (parent, session)
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                table[int(proc.name)] = (int(fields[1]), int(fields[3]))
-            except (OSError, IndexError, ValueError):
-                continue
-    pids = {leader} | {pid for pid, (_, session) in table.items() if session == leader}
-    while more := {pid for pid, (parent, _) in table.items() if parent in pids} - pids:
-        pids |= more
-    return pids
 
 
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:

@@ -56,6 +56,23 @@ def superlink_pids(flwr_home: Path) -> set[int]:
     return pids
 
 
+def session_pids(leader: int) -> set[int]:
+    """`leader`, every process of its session and all their descendants (the processes a Flower process starts:
+    SuperExec, which makes a session of its own, and the app processes under it)."""
+    table: dict[int, tuple[int, int]] = {}  # pid -> (parent, session)
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(proc.name)] = (int(fields[1]), int(fields[3]))
+            except (OSError, IndexError, ValueError):
+                continue
+    pids = {leader} | {pid for pid, (_, session) in table.items() if session == leader}
+    while more := {pid for pid, (parent, _) in table.items() if parent in pids} - pids:
+        pids |= more
+    return pids
+
+
 def stop(pids: set[int], grace: float = 15.0) -> None:
     """SIGTERM each pid, then SIGKILL whatever is still alive after `grace` seconds."""
     for pid in pids:

@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +31,9 @@ import ray
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend import raybackend
 from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+from ray._private import auto_init_hook
+
+from app.runners.launch import session_pids, stop
 
 
 class RuntimeMismatch(RuntimeError):
@@ -63,6 +70,11 @@ def release_pool() -> None:
     if pool is not None:
         for actor in [*pool.pool, *pool._future_to_actor.values()]:
             ray.kill(actor)
+
+
+def _kill_actors() -> None:
+    if _Kept.pool is not None and ray.is_initialized():
+        release_pool()
 
 
 def release() -> None:
@@ -146,3 +158,33 @@ def kept_runtime() -> Iterator[None]:
     finally:
         raybackend.RayBackend = KeptRayBackend.__mro__[1]
         release()
+
+
+def _stop_now(signum: int, frame: Any) -> None:
+    """Stop the command and every process it started, now, by pid (Ray's own shutdown is no option here: once it has
+    run, Ray ends the process the moment one of Flower's threads touches it); the kept actors are killed through Ray
+    first, which matters on a Ray cluster of its own (`ray_address`). Exit 128 + the signal's number."""
+    print(f"\n{signal.Signals(signum).name}: stopping, with every process this command started", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    started = session_pids(os.getpid()) - {os.getpid()}
+    auto_init_hook.enable_auto_connect = False  # Flower's threads still call Ray: none may start a new Ray now
+    killer = threading.Thread(target=_kill_actors, daemon=True)
+    killer.start()
+    killer.join(5)
+    stop(started, grace=3)
+    os._exit(128 + signum)
+
+
+@contextmanager
+def stopped_on_signals() -> Iterator[None]:
+    """Within the block Ctrl-C (SIGINT) and SIGTERM end the process at once, after stopping what it started (the Ray
+    runtime, its actors): Flower's simulation does not end on an interrupt (its ServerApp thread goes on waiting for
+    replies), so a sweep must not rely on one. The jobs that finished keep their results; `skip_done=true` runs the
+    rest. Main thread only."""
+    saved = {sig: signal.signal(sig, _stop_now) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

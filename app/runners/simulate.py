@@ -44,7 +44,7 @@ from app.records.progress import show_flower
 from app.records.results import format_table
 from app.runners.engine import tuned_engine
 from app.runners.refusals import DEBUG_FLAG, REFUSALS, debugging, refuse
-from app.runners.runtime import kept_runtime
+from app.runners.runtime import kept_runtime, stopped_on_signals
 from app.server_app import make_server_app
 
 
@@ -172,6 +172,6 @@ def command() -> int:
             composed(overrides) if multirun else validate(composed(overrides))
     except REFUSALS as err:
         return refuse(err, debug)
-    with kept_runtime():  # one Ray runtime and actor pool for every job of a sweep, stopped when the command ends
+    with stopped_on_signals(), kept_runtime():  # one Ray runtime and actor pool for every job, stopped at the end
         main()
     return 0

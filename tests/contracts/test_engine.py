@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import threading
 import time
-from queue import Queue
+from queue import Empty, Queue
 from types import SimpleNamespace
 
 import flwr
@@ -124,10 +124,16 @@ def _fake_main_loop(*args: object) -> None:
     """A _main_loop that builds neither the module's grid nor the in-memory state."""
 
 
+def _fake_worker(*args: object) -> None:
+    """A worker that waits on its queue in some other way."""
+
+
 BREAKAGES = {
     "check_version": [(flwr, "__version__", "1.99.0")],
     "check_dispatcher": [(vce_api, "run_api", _fake_run_api)],
     "check_grid": [(InMemoryGrid, "send_and_receive", lambda self, messages, *, timeout=None: [])],
+    "check_queues": [(vce_api, "worker", _fake_worker)],
+    "check_nodes": [(vce_api, "_register_nodes", lambda nodes, factory: {})],
     "check_state": [(RUN_SIMULATION, "LinkStateFactory", lambda *a: SimpleNamespace(state=lambda: SimpleNamespace()))],
 }
 
@@ -218,3 +224,24 @@ def test_a_broken_assumption_changes_nothing_and_the_block_does_not_nest(monkeyp
         with pytest.raises(engine.EngineMismatch, match="does not nest"), engine.tuned_engine():
             pass
     assert (vce_api.add_messages_to_queue, RUN_SIMULATION.InMemoryGrid) == originals
+
+
+def test_the_engine_waits_on_its_queues_and_registers_its_nodes_as_the_tuning_assumes() -> None:
+    engine.check_queues()
+    engine.check_nodes()
+
+
+def test_inside_the_block_registered_nodes_are_recorded_and_queues_wait_briefly(federation: SimpleNamespace) -> None:
+    """The strategy names simulated nodes from the engine's own registration; an idle worker sees the end of the run
+    within PromptQueue.wait instead of Flower's 1 s."""
+    originals = vce_api._register_nodes, vce_api.Queue
+    with engine.tuned_engine() as nodes:
+        mapping = vce_api._register_nodes(3, federation.factory)  # as start_vce calls it
+        queue = vce_api.Queue()
+        began = time.monotonic()
+        with pytest.raises(Empty):
+            queue.get(timeout=1.0)  # as Flower's workers wait
+        waited = time.monotonic() - began
+    assert nodes == mapping and sorted(mapping.values()) == [0, 1, 2]
+    assert waited < 0.5, f"an idle worker waited {waited:.2f} s"
+    assert (vce_api._register_nodes, vce_api.Queue) == originals

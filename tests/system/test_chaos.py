@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from app.records.persistence import DiskStore
-from app.runners.deploy import LocalDeployment, session_pids
+from app.runners.deploy import LocalDeployment
+from app.runners.launch import session_pids
 from strategies.sampling import sample_devices
 from tests.system.test_deploy import _alive
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from app.records.persistence import DiskStore
-from app.runners.deploy import LocalDeployment, make_credentials, session_pids
+from app.runners.deploy import LocalDeployment, make_credentials
+from app.runners.launch import session_pids
 
 pytestmark = pytest.mark.slow
 

@@ -465,3 +465,26 @@ def test_a_node_forging_its_evaluation_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="rogue='lie' is unknown; allowed: forge-evaluation"):
         rogue_client(Honest(), "lie")
+
+
+class SilentDevice(FakeDevice):
+    """A node that must not be asked who it is."""
+
+    def get_properties(self, ins, timeout, group_id):
+        raise AssertionError(f"node {self.cid} was asked for its partition id")
+
+
+def test_nodes_the_simulation_registered_are_named_without_a_message_and_others_are_asked() -> None:
+    """In Flower's simulation the engine's {node id: partition id} names each node (no message per device before
+    round 1); a node it does not name is identified as before."""
+    registered = {11: 0, 12: 1, 13: 2}
+    nodes = [SilentDevice("11", 0), SilentDevice("12", 1), SilentDevice("13", 2), FakeDevice("99", 3)]
+    strategy = _strategy(4, 4)
+    strategy.nodes.simulated = registered
+    chosen = strategy.configure_fit(1, ndarrays_to_parameters(MODEL), _manager(nodes))
+    assert sorted((p.cid, p.partition_id) for p, _ in chosen) == [("11", 0), ("12", 1), ("13", 2), ("99", 3)]
+    assert strategy.rounds[0]["excluded_nodes"] == 0 and strategy.connected_after is not None
+    asked = _strategy(4, 4)  # without the mapping every node is asked: SilentDevice refuses to answer
+    asked.nodes.connect_timeout = 1
+    with pytest.raises(RuntimeError, match="only 1 of num_clients=4 devices"):
+        asked.configure_fit(1, ndarrays_to_parameters(MODEL), _manager(nodes))
