@@ -87,7 +87,7 @@ class ResultsServer(Server):
             history, elapsed = super().fit(num_rounds, timeout)
         finally:
             self.progress.close()
-        identification = self.strategy.nodes.identification_seconds
+        identification = self.strategy.identification_seconds
         timing = {
             "training_seconds": self.seconds["fit"] - identification,
             "evaluation_seconds": self.seconds["evaluate"],

@@ -151,6 +151,11 @@ class RobustStrategy(Strategy):
         return self.nodes.devices(client_manager, server_round, self._start)
 
     @property
+    def identification_seconds(self) -> float:
+        """How long the first round waited for the devices to be identified."""
+        return self.nodes.identification_seconds
+
+    @property
     def connected_after(self) -> float | None:
         """Seconds from the start until every device was identified (None: not yet)."""
         return self.nodes.connected_after

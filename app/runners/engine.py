@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -181,16 +182,60 @@ def pending_nodes(state: Any, nodes: Any) -> list[int]:
     return [node for node in pending if node in nodes]
 
 
+class Signal:
+    """A counter that waiting threads watch: `wait(seen, timeout)` returns once it differs from `seen` (or after
+    `timeout`), so a waiter wakes when something happened instead of polling."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._changed = threading.Condition()
+
+    def notify(self) -> None:
+        with self._changed:
+            self.version += 1
+            self._changed.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.version != seen, timeout)
+
+
+def signals(state: Any) -> tuple[Signal, Signal]:
+    """(instructions stored, replies stored) of an in-memory `state`: its two store methods, wrapped once on the
+    instance, notify them after storing."""
+    # Reach: the dispatcher's instructions come from state.store_message_ins and the replies the grid waits for from
+    # state.store_message_res (Flower's put_message_into_state), both looked up on the instance at call time.
+    kept = getattr(state, "_tuned_signals", None)
+    if kept is not None:
+        return kept
+    kept = Signal(), Signal()
+    for name, signal in zip(("store_message_ins", "store_message_res"), kept):
+        store = getattr(state, name)
+
+        def notifying(message: Any, *args: Any, _store: Callable = store, _signal: Signal = signal, **kw: Any) -> Any:
+            try:
+                return _store(message, *args, **kw)
+            finally:
+                _signal.notify()
+
+        setattr(state, name, notifying)
+    state._tuned_signals = kept
+    return kept
+
+
 def dispatcher(poll: float) -> Callable[[Any, Queue, Any, threading.Event], None]:
-    """The replacement of vce_api.add_messages_to_queue, polling every `poll` seconds."""
+    """The replacement of vce_api.add_messages_to_queue: it looks for undelivered messages when one is stored, and
+    every `poll` seconds at the latest."""
 
     def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
-        """Put undelivered messages in the workers' queue: at most one per node per poll, as Flower's own."""
+        """Put undelivered messages in the workers' queue: at most one per node per look, as Flower's own."""
+        stored, _ = signals(state)
         while not f_stop.is_set():
+            seen = stored.version
             for node_id in pending_nodes(state, nodes_mapping):
                 for message in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(message)
-            f_stop.wait(poll)
+            stored.wait(seen, poll)
 
     return add_messages_to_queue
 
@@ -207,11 +252,32 @@ class PromptQueue(Queue):
 
 class TunedGrid(InMemoryGrid):
     """InMemoryGrid that refuses, in the caller's thread and before anything starts, a state the dispatcher cannot
-    read (the simulation's dispatcher thread shares the grid's state: LinkStateFactory.state() is cached)."""
+    read (the simulation's dispatcher thread shares the grid's state: LinkStateFactory.state() is cached), and whose
+    `send_and_receive` waits for a reply to be stored instead of polling: with a thread per device of a round (Flower's
+    fit_clients), polling every few milliseconds cost the driver a core's share on 2 cores."""
 
     def __init__(self, state_factory: Any, pull_interval: float = POLL) -> None:
         super().__init__(state_factory, pull_interval)
         _store(self.state)
+        self._replies = signals(self.state)[1]
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list:
+        """Flower's contract (flwr/superlink/grid/inmemory_grid.py, 1.41-1.42): push `messages`, then pull their
+        replies until every one has come or `timeout` seconds have passed; a look at each stored reply, and every
+        `pull_interval` seconds at the latest."""
+        waiting = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list = []
+        while waiting:
+            seen = self._replies.version
+            pulled = list(self.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+            left = None if end is None else end - time.monotonic()
+            if not waiting or (left is not None and left <= 0):
+                break
+            self._replies.wait(seen, self.pull_interval if left is None else min(self.pull_interval, left))
+        return replies
 
 
 def recording(register: Callable[[int, Any], dict[int, int]], into: dict[int, int]) -> Callable:

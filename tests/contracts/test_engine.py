@@ -11,6 +11,7 @@ import threading
 import time
 from queue import Empty, Queue
 from types import SimpleNamespace
+from uuid import uuid4
 
 import flwr
 import pytest
@@ -245,3 +246,32 @@ def test_inside_the_block_registered_nodes_are_recorded_and_queues_wait_briefly(
     assert nodes == mapping and sorted(mapping.values()) == [0, 1, 2]
     assert waited < 0.5, f"an idle worker waited {waited:.2f} s"
     assert (vce_api._register_nodes, vce_api.Queue) == originals
+
+
+def test_the_tuned_grid_wakes_on_a_stored_reply_and_still_honours_its_timeout(federation: SimpleNamespace) -> None:
+    """With a pull interval of 5 s, a reply stored 0.2 s after the request ends the wait at once (Flower's grid
+    would sleep out its interval); a request nobody answers ends at its timeout."""
+    grid = engine.TunedGrid(federation.factory, pull_interval=5.0)
+    grid.set_run(federation.grid._run)
+
+    def answer() -> None:
+        time.sleep(0.2)
+        node = federation.nodes[1]
+        for message in federation.state.get_message_ins(node_id=node, limit=1):
+            reply = Message(RecordDict(), reply_to=message)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's simulation worker names a reply
+            federation.state.store_message_res(reply)
+
+    helper = threading.Thread(target=answer)
+    began = time.monotonic()
+    helper.start()
+    request = Message(RecordDict(), federation.nodes[1], "train", group_id="1")
+    replies = list(grid.send_and_receive([request], timeout=20))
+    helper.join()
+    assert len(replies) == 1 and time.monotonic() - began < 2.0
+    began = time.monotonic()
+    assert (
+        list(grid.send_and_receive([Message(RecordDict(), federation.nodes[2], "train", group_id="1")], timeout=0.3))
+        == []
+    )
+    assert 0.25 < time.monotonic() - began < 2.0

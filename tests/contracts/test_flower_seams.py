@@ -93,6 +93,7 @@ def test_a_resumed_run_goes_through_flowers_loop_from_the_checkpoints_model_and_
         aggregate=Rule(lambda *args: None),
         rounds=[],
         connected_after=None,
+        identification_seconds=0.0,
         evaluate=lambda server_round, parameters: None,
         configure_fit=lambda server_round, parameters, client_manager: (
             seen.append(("fit", server_round, parameters_to_ndarrays(parameters)[0].tolist())) or []
@@ -104,7 +105,7 @@ def test_a_resumed_run_goes_through_flowers_loop_from_the_checkpoints_model_and_
     strategy.initialize_parameters = lambda client_manager: strategy.initial_parameters
     written: list = []
     recorder = SimpleNamespace(
-        out_dir=tmp_path, final={}, clients=[], write=lambda rounds, after: written.append(rounds)
+        out_dir=tmp_path, final={}, clients=[], write=lambda rounds, after, timing: written.append(rounds)
     )
     ResultsServer(strategy, recorder, cfg).fit(num_rounds=4, timeout=None)
     assert seen == [("fit", 3, [7.0, 7.0]), ("evaluate", 3), ("fit", 4, [7.0, 7.0]), ("evaluate", 4)]
