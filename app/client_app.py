@@ -198,14 +198,14 @@ def make_client_fn(cfg: DictConfig | None = None, out_dir: Path | None = None): 
     """client_fn for a fixed config and output folder (Hydra entry) or, with None, the config and output-dir named
     by the run config (flwr run)."""
 
-    text = None if cfg is None else OmegaConf.to_yaml(cfg, resolve=True)  # what travels with each message
+    text = None if cfg is None else OmegaConf.to_yaml(cfg, resolve=True)  # the config as the function carries it
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # one Ray actor per core: no oversubscription
         overrides = str(context.run_config.get("overrides", ""))
         run_cfg = frozen_text(text) if text is not None else client_config(overrides)
         set_deterministic(bool(run_cfg.deterministic))
-        run_out = out_dir if cfg is not None else (str(context.run_config.get("output-dir", "")).strip() or None)
+        run_out = out_dir if text is not None else (str(context.run_config.get("output-dir", "")).strip() or None)
         pid = _partition_id(context, run_cfg)
         client = DeviceClient(run_cfg, pid, personal_store(context, run_cfg, pid, run_out))
         rogue = str(context.node_config.get("rogue", ""))  # chaos tests: a node that lies on purpose (threats/rogue.py)

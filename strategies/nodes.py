@@ -16,6 +16,8 @@ from flwr.server.client_proxy import ClientProxy
 
 from strategies.identity import Refusal, identify, node_public_keys
 
+SIMULATED_WAIT = 10.0  # seconds the first identification waits for the simulation's node mapping
+
 
 class NodeDirectory:
     """Devices by partition id among the connected nodes. Before the first round, `devices` waits (`connect_timeout`)
@@ -89,9 +91,14 @@ class NodeDirectory:
         return devices
 
     def _simulated(self, new: dict[str, ClientProxy]) -> dict[str, int]:
-        """The devices of the nodes of `new` that the simulation's engine registered (none outside simulation)."""
-        if not self.simulated:
+        """The devices of the nodes of `new` that the simulation's engine registered (none outside simulation). The
+        engine fills the mapping once it has registered every node, which may be just after the server starts: the
+        first look waits for it (SIMULATED_WAIT seconds at most, then the nodes are asked)."""
+        if self.simulated is None:
             return {}
+        deadline = time.monotonic() + SIMULATED_WAIT
+        while not self.simulated and time.monotonic() < deadline:
+            time.sleep(0.005)
         return {cid: self.simulated[int(cid)] for cid in new if cid.isdigit() and int(cid) in self.simulated}
 
     def _record(self, accepted: dict[str, int]) -> None:

@@ -5,14 +5,16 @@ per run: on 2 cores these were 10-15 s of every job (docs/performance.md, "Sweep
 Flower's simulation builds a `RayBackend` per run (vce_api.start_vce's backend_fn looks the class up in its module
 at call time); inside the block that class is `KeptRayBackend`, which:
 - starts Ray only when it is not running (Flower's own test) and keeps it running after the run;
-- builds its actor pool once and hands the same pool to the next run when it asks for the same Ray (init arguments)
-  and the same client resources, and when every actor is back in the pool (an actor still busy with a failed run's
-  message is never reused: the pool is torn down and the next run builds a new one);
-- on exit from the block (also on an error or Ctrl-C) kills the actors and shuts Ray down.
+- builds its actor pool once and hands the same pool to the next run when it asks for the same Ray (init arguments),
+  the same client resources and the same process-wide settings of the actors (`deterministic`, `accelerator`), and
+  when every actor is back in the pool and answers (a pool with an actor still busy with a failed run's message, or
+  dead, is torn down and the next run builds a new one);
+- on exit from the block (also on an error) kills the actors and shuts Ray down.
 A client actor holds nothing of a run but its process's caches, which are keyed by the run's config
-(app/client_app.py), so a run's numbers do not depend on the runs before it: tests/system/test_sweeps.py compares a
-job inside a sweep with the same job alone. Every reach into Flower is checked on entry (RuntimeMismatch names it)
-and in tests/contracts/test_runtime.py.
+(app/client_app.py: a device's data, the initial model, at most 256 devices' data per process), so a run's numbers do
+not depend on the runs before it: tests/system/test_sweeps.py compares a job inside a sweep with the same job alone.
+Every reach into Flower is checked on entry (RuntimeMismatch names it) and in tests/contracts/test_runtime.py.
+`stopped_on_signals()` (the `ditto-simulate` command) makes Ctrl-C and SIGTERM stop everything at once.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from flwr.server.superlink.fleet.vce.backend import raybackend
 from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 from ray._private import auto_init_hook
 
-from app.runners.launch import session_pids, stop
+from app.runners.launch import session_pids
 
 
 class RuntimeMismatch(RuntimeError):
@@ -41,20 +43,18 @@ class RuntimeMismatch(RuntimeError):
 
 
 class _Kept:
-    """The runtime kept between runs: the pool, and the (init arguments, client resources) it was built for."""
+    """What is kept between runs: the Ray (its init arguments), the pool and what it was built for."""
 
-    key: str | None = None
+    ray_args: str | None = None  # the init arguments of the running Ray this block uses
+    key: str | None = None  # the pool's client resources and its actors' process-wide settings
     pool: BasicActorPool | None = None
     started_ray: bool = False  # whether this block started Ray (one it found running is left running)
     runs: int = 0  # runs served by the kept pool (the first included)
+    on_signals: bool = False  # a stopped_on_signals block is active: its SIGTERM handler must win over Ray's
 
 
-def _key(backend_config: dict) -> str:
-    return json.dumps(
-        [backend_config.get("init_args") or {}, backend_config.get("client_resources") or {}],
-        sort_keys=True,
-        default=str,
-    )
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _idle(pool: BasicActorPool) -> bool:
@@ -62,6 +62,15 @@ def _idle(pool: BasicActorPool) -> bool:
     # Reach: BasicActorPool keeps its idle actors in the list `pool`, the busy ones in `_future_to_actor`, and their
     # number in `num_actors`.
     return not pool._future_to_actor and len(pool.pool) == pool.num_actors
+
+
+def _answers(pool: BasicActorPool, timeout: float = 30.0) -> bool:
+    """Every actor of `pool` is alive and answers (Flower puts an actor that died back into its pool)."""
+    try:
+        ray.get([actor.__ray_ready__.remote() for actor in pool.pool], timeout=timeout)
+    except Exception:  # a dead actor (RayActorError) or one that does not answer in time
+        return False
+    return True
 
 
 def release_pool() -> None:
@@ -82,28 +91,34 @@ def release() -> None:
     release_pool()
     if _Kept.started_ray and ray.is_initialized():
         ray.shutdown()
-    _Kept.started_ray = False
+    _Kept.started_ray, _Kept.ray_args = False, None
 
 
 class KeptRayBackend(raybackend.RayBackend):
-    """Flower's RayBackend whose Ray runtime and actor pool serve the next run too (see the module)."""
+    """Flower's RayBackend whose Ray runtime and actor pool serve the next run too (see the module). The backend
+    config's `process` entry (ignored by Flower) names the actors' process-wide settings; a pool is shared only by
+    runs with the same."""
 
     def __init__(self, backend_config: dict) -> None:
-        key = _key(backend_config)
-        if _Kept.key is not None and _Kept.key != key:
-            release()  # another Ray or other client resources: start afresh
+        ray_args = _json(backend_config.get("init_args") or {})
+        if _Kept.ray_args is not None and _Kept.ray_args != ray_args:
+            release()  # another Ray: start afresh
         started = not ray.is_initialized()
         super().__init__(backend_config)  # RayBackend.init_ray starts Ray only when it is not running
+        if started and _Kept.on_signals and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _stop_now)  # ray.init has just put its own (sys.exit) in place
         _Kept.started_ray = _Kept.started_ray or started
-        self._kept_key = key
+        _Kept.ray_args = ray_args
+        self._kept_key = _json([backend_config.get("client_resources") or {}, backend_config.get("process") or {}])
 
     def build(self, app_fn: Any) -> None:
         """Take the kept pool (or build one), and put the run's ClientApp loader into Ray's object store once: Flower
         passes `self.app_fn` with every message, and a function Ray pickles by value (with the ClientApp and its
         config) cost the driver a fifth of its time per message; an object reference is resolved by the actor."""
         ref = ray.put(app_fn)
-        if _Kept.pool is not None and _Kept.key == self._kept_key and _idle(_Kept.pool):
-            self.pool, self.app_fn = _Kept.pool, ref
+        kept = _Kept.pool
+        if kept is not None and _Kept.key == self._kept_key and _idle(kept) and _answers(kept):
+            self.pool, self.app_fn = kept, ref
             _Kept.runs += 1
             return
         release_pool()
@@ -161,18 +176,27 @@ def kept_runtime() -> Iterator[None]:
 
 
 def _stop_now(signum: int, frame: Any) -> None:
-    """Stop the command and every process it started, now, by pid (Ray's own shutdown is no option here: once it has
-    run, Ray ends the process the moment one of Flower's threads touches it); the kept actors are killed through Ray
-    first, which matters on a Ray cluster of its own (`ray_address`). Exit 128 + the signal's number."""
-    print(f"\n{signal.Signals(signum).name}: stopping, with every process this command started", file=sys.stderr)
-    sys.stderr.flush()
-    sys.stdout.flush()
+    """Stop the command and every process it started, now, by pid, with SIGKILL, and exit 128 + the signal's number
+    at once: Ray's own shutdown is no option here (once it has run, Ray ends the process the moment one of Flower's
+    threads touches it), nor a grace period (the driver's Ray worker ends the process with status 1 as soon as it sees
+    its raylet gone). The kept actors are killed through Ray first, which matters on a cluster of its own
+    (`ray_address`)."""
+    try:
+        print(f"\n{signal.Signals(signum).name}: stopping, with every process this command started", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+    except (OSError, ValueError, RuntimeError):  # a closed pipe, or a write this signal interrupted
+        pass
     started = session_pids(os.getpid()) - {os.getpid()}
     auto_init_hook.enable_auto_connect = False  # Flower's threads still call Ray: none may start a new Ray now
     killer = threading.Thread(target=_kill_actors, daemon=True)
     killer.start()
     killer.join(5)
-    stop(started, grace=3)
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     os._exit(128 + signum)
 
 
@@ -183,8 +207,10 @@ def stopped_on_signals() -> Iterator[None]:
     replies), so a sweep must not rely on one. The jobs that finished keep their results; `skip_done=true` runs the
     rest. Main thread only."""
     saved = {sig: signal.signal(sig, _stop_now) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _Kept.on_signals = True  # KeptRayBackend puts SIGTERM's back once ray.init has replaced it
     try:
         yield
     finally:
+        _Kept.on_signals = False
         for sig, handler in saved.items():
             signal.signal(sig, handler)

@@ -64,7 +64,7 @@ def simulate(cfg: DictConfig, out_dir: Path, tuned: bool = True) -> dict:
     check_data(cfg)  # bad data or a model that cannot serve it stop here, before Ray starts (the data stay cached)
     before = show_flower(bool(cfg.verbose))
     try:
-        with kept_runtime(), tuned_engine() if tuned else nullcontext() as nodes:
+        with kept_runtime() if tuned else nullcontext(), tuned_engine() if tuned else nullcontext() as nodes:
             run_simulation(
                 server_app=make_server_app(cfg, out_dir, nodes),
                 client_app=ClientApp(client_fn=make_client_fn(cfg, out_dir)),
@@ -72,6 +72,8 @@ def simulate(cfg: DictConfig, out_dir: Path, tuned: bool = True) -> dict:
                 backend_config={
                     "client_resources": {"num_cpus": 1, "num_gpus": float(cfg.client_num_gpus)},
                     "init_args": {} if cfg.ray_address is None else {"address": str(cfg.ray_address)},
+                    # the actors' process-wide settings: a kept pool serves only runs with the same (runtime.py)
+                    "process": {"deterministic": bool(cfg.deterministic), "accelerator": str(cfg.accelerator)},
                 },
             )
     finally:

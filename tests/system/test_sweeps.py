@@ -56,11 +56,11 @@ def _processes_of(session: str) -> set[int]:
 def test_a_job_gives_the_same_numbers_inside_a_sweep_and_alone_and_the_sweep_leaves_nothing_running(
     tmp_path: Path,
 ) -> None:
-    """Job 2 of the sweep (seed 0) runs on actors that served job 1 (seed 1) and on the same Ray; alone, seed 0 runs
-    in a process of its own."""
+    """The sweep's last job (seed 0, lr 0.05) runs on actors that served three jobs with another seed, another
+    learning rate or both, and on the same Ray; alone, it runs in a process of its own."""
     before = _ray_sessions()
     sweep = subprocess.run(
-        [installed("ditto-simulate"), "-m", *SMALL, "seed=1,0", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        [installed("ditto-simulate"), "-m", *SMALL, "seed=1,0", "lr=0.2,0.05", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -69,7 +69,7 @@ def test_a_job_gives_the_same_numbers_inside_a_sweep_and_alone_and_the_sweep_lea
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     alone = subprocess.run(
-        [installed("ditto-simulate"), *SMALL, "seed=0", f"hydra.run.dir={tmp_path / 'alone'}"],
+        [installed("ditto-simulate"), *SMALL, "seed=0", "lr=0.05", f"hydra.run.dir={tmp_path / 'alone'}"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -77,15 +77,14 @@ def test_a_job_gives_the_same_numbers_inside_a_sweep_and_alone_and_the_sweep_lea
         env=flower_env(tmp_path / ".flwr"),
     )
     assert alone.returncode == 0, alone.stderr[-3000:]
-    inside = json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())
-    single = json.loads((tmp_path / "alone" / "results.json").read_text())
-    assert inside["config"]["seed"] == single["config"]["seed"] == 0
+    jobs = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in range(4)]
+    inside, single = jobs[3], json.loads((tmp_path / "alone" / "results.json").read_text())
+    assert (inside["config"]["seed"], inside["config"]["lr"]) == (single["config"]["seed"], single["config"]["lr"])
     assert inside["final"] == single["final"] and inside["clients"] == single["clients"]
     assert [r["global"] for r in inside["rounds"]] == [r["global"] for r in single["rounds"]]
-    first = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())
-    assert first["final"] != inside["final"]  # another seed: the comparison could fail
-    for job in ("0", "1"):
-        record = json.loads((tmp_path / "sweep" / job / "job.json").read_text())
+    assert all(job["final"] != inside["final"] for job in jobs[:3])  # other configs: the comparison could fail
+    for job in range(4):
+        record = json.loads((tmp_path / "sweep" / str(job) / "job.json").read_text())
         assert record["done"] is True and record["seconds"] > 0
     assert inside["timing"]["identification_seconds"] < inside["timing"]["training_seconds"]
     started = _ray_sessions() - before
@@ -95,22 +94,29 @@ def test_a_job_gives_the_same_numbers_inside_a_sweep_and_alone_and_the_sweep_lea
 
 
 @pytest.mark.slow
-def test_in_one_process_runs_share_the_pool_and_the_block_stops_ray() -> None:
+def test_in_one_process_runs_share_the_pool_a_dead_actor_is_not_reused_and_the_block_stops_ray(
+    tmp_path: Path,
+) -> None:
     cfg = compose_config([*SMALL, "num_rounds=2"])
     with runtime.kept_runtime():
-        first = simulate(cfg, Path("/tmp") / f"kept-{time.time_ns()}")
+        first = simulate(cfg, tmp_path / "1")
         pool = runtime._Kept.pool
-        second = simulate(cfg, Path("/tmp") / f"kept-{time.time_ns()}")
+        second = simulate(cfg, tmp_path / "2")
         assert runtime._Kept.pool is pool and runtime._Kept.runs == 2
+        ray.kill(pool.pool[0])  # an actor dies between two jobs (out of memory, a crash)
+        third = simulate(cfg, tmp_path / "3")
+        assert runtime._Kept.pool is not pool and runtime._Kept.runs == 1  # a new pool, not the dead actor
         assert ray.is_initialized()
-    assert first == second
+    assert first == second == third
     assert not ray.is_initialized() and runtime._Kept.pool is None
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_stops_at_once_with_every_process_it_started(tmp_path: Path) -> None:
-    """Ctrl-C in job 2 of 2: the command ends within a minute with status 130, every process it had started
-    (Ray, its agents, the actors) is gone, and job 1 keeps its results."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_sweep_stops_at_once_with_every_process_it_started(sig: signal.Signals, tmp_path: Path) -> None:
+    """Ctrl-C (or SIGTERM, which ray.init takes over for itself) in job 2 of 2: the command ends within a minute with
+    status 128 + the signal, every process it had started (Ray, its agents, the actors) is gone, and job 1 keeps its
+    results."""
     quick_then_long = [k for k in SMALL if not k.startswith("num_rounds=")] + ["num_rounds=3,3000", "eval_every=1000"]
     proc = subprocess.Popen(
         [installed("ditto-simulate"), "-m", *quick_then_long, f"hydra.sweep.dir={tmp_path}"],
@@ -129,8 +135,8 @@ def test_an_interrupted_sweep_stops_at_once_with_every_process_it_started(tmp_pa
         time.sleep(3)  # job 2 is training on the kept actors
         started = session_pids(proc.pid) - {proc.pid}
         assert started, "the sweep had started no process"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,6 +15,7 @@ from app.config.compose import compose_config, frozen, frozen_text
 from app.data.federation import load_federation
 from app.records.persistence import MemoryStore
 from app.rng import Stream, round_generator, seed_global_rng
+from app.training.models import dataset_model
 
 SMALL = ["num_clients=5", "clients_per_round=3", "local_steps=3"]
 
@@ -67,5 +68,7 @@ def test_a_device_built_from_the_frozen_config_trains_exactly_as_from_the_compos
         np.testing.assert_array_equal(a, b)
     first, second = composed._build(), composed._build()
     assert first is not second  # a message's models are copies: training one never touches the next
-    for a, b in zip(first.parameters(), second.parameters()):
-        assert torch.equal(a, b)
+    federation = load_federation(cfg.dataset, cfg.num_clients, cfg.seed)
+    fresh = dataset_model(cfg.dataset, federation.input_shape, federation.num_classes, cfg.seed)
+    for a, b, c in zip(first.parameters(), second.parameters(), fresh.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)  # the model a message builds from scratch
