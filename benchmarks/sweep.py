@@ -48,29 +48,23 @@ def plain_jobs(overrides: list[str], seeds: list[int]) -> tuple[list[float], lis
     return times, finals
 
 
-def swept_jobs(overrides: list[str], seeds: list[int], sweep_dir: Path) -> tuple[float, list[dict]]:
-    """(the sweep's seconds, per job: its job.json and results.json) of `ditto-simulate -m` over `seeds`."""
-    command = [
-        installed("ditto-simulate"),
-        "-m",
-        *overrides,
-        f"seed={','.join(map(str, seeds))}",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
+def run_sweep(overrides: list[str], sweep_dir: Path) -> tuple[float, list[dict]]:
+    """(seconds, per job in order: its job.json and results.json merged) of `ditto-simulate -m OVERRIDES` in
+    `sweep_dir`, as a user runs it; a failed sweep or job ends the benchmark with its error."""
     began = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.run(
+        [installed("ditto-simulate"), "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"], capture_output=True, text=True
+    )
     seconds = time.perf_counter() - began
     if proc.returncode != 0:
         raise SystemExit(f"the sweep failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     jobs = []
-    for num in range(len(seeds)):
-        folder = sweep_dir / str(num)
-        if not (folder / "results.json").exists():
-            failed = folder / "failed.json"
-            raise SystemExit(f"job {num} wrote no results: {failed.read_text() if failed.exists() else proc.stderr}")
-        jobs.append(
-            {**json.loads((folder / "job.json").read_text()), **json.loads((folder / "results.json").read_text())}
-        )
+    for folder in sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
+        results, failed = folder / "results.json", folder / "failed.json"
+        if not results.exists():
+            why = failed.read_text() if failed.exists() else proc.stderr
+            raise SystemExit(f"job {folder.name} wrote no results: {why}")
+        jobs.append({**json.loads((folder / "job.json").read_text()), **json.loads(results.read_text())})
     return seconds, jobs
 
 
@@ -90,7 +84,7 @@ def run_suite(name: str, overrides: list[str], jobs: int, rounds: int) -> dict:
     load = os.getloadavg()[0]
     plain_times, plain_finals = plain_jobs(base, seeds)
     with tempfile.TemporaryDirectory() as tmp:
-        whole, swept = swept_jobs(base, seeds, Path(tmp) / "sweep")
+        whole, swept = run_sweep([*base, f"seed={','.join(map(str, seeds))}"], Path(tmp) / "sweep")
     print(f"{'job':>4} {'in sweep':>9} {'training':>9} {'evaluation':>11} {'fixed':>7} {'plain':>7}   (seconds)")
     fixed = []
     for num, (job, plain) in enumerate(zip(swept, plain_times)):

@@ -73,21 +73,22 @@ def session_pids(leader: int) -> set[int]:
     return pids
 
 
-def stop(pids: set[int], grace: float = 15.0) -> None:
-    """SIGTERM each pid, then SIGKILL whatever is still alive after `grace` seconds."""
+def send(pids: set[int], sig: int) -> None:
+    """Send `sig` to every pid of `pids` that is still there."""
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def stop(pids: set[int], grace: float = 15.0) -> None:
+    """SIGTERM each pid, then SIGKILL whatever is still alive after `grace` seconds."""
+    send(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
         time.sleep(0.2)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    send(pids, signal.SIGKILL)
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:

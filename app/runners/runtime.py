@@ -35,7 +35,7 @@ from flwr.server.superlink.fleet.vce.backend import raybackend
 from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 from ray._private import auto_init_hook
 
-from app.runners.launch import session_pids
+from app.runners.launch import send, session_pids
 
 
 class RuntimeMismatch(RuntimeError):
@@ -192,11 +192,7 @@ def _stop_now(signum: int, frame: Any) -> None:
     killer = threading.Thread(target=_kill_actors, daemon=True)
     killer.start()
     killer.join(5)
-    for pid in started:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    send(started, signal.SIGKILL)
     os._exit(128 + signum)
 
 

@@ -17,6 +17,7 @@ from app.runners import runtime
 from app.runners.cli import installed
 from app.runners.launch import flower_env, session_pids
 from app.runners.simulate import simulate
+from tests.system.test_end_to_end import _simulate
 
 SMALL = ["num_clients=5", "clients_per_round=3", "num_rounds=3", "eval_every=2", "local_steps=5"]
 
@@ -59,24 +60,12 @@ def test_a_job_gives_the_same_numbers_inside_a_sweep_and_alone_and_the_sweep_lea
     """The sweep's last job (seed 0, lr 0.05) runs on actors that served three jobs with another seed, another
     learning rate or both, and on the same Ray; alone, it runs in a process of its own."""
     before = _ray_sessions()
-    sweep = subprocess.run(
-        [installed("ditto-simulate"), "-m", *SMALL, "seed=1,0", "lr=0.2,0.05", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=flower_env(tmp_path / ".flwr"),
-    )
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
-    alone = subprocess.run(
-        [installed("ditto-simulate"), *SMALL, "seed=0", "lr=0.05", f"hydra.run.dir={tmp_path / 'alone'}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=flower_env(tmp_path / ".flwr"),
-    )
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    for args in (
+        ["-m", *SMALL, "seed=1,0", "lr=0.2,0.05", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        [*SMALL, "seed=0", "lr=0.05", f"hydra.run.dir={tmp_path / 'alone'}"],
+    ):
+        proc = _simulate(args, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text()) for i in range(4)]
     inside, single = jobs[3], json.loads((tmp_path / "alone" / "results.json").read_text())
     assert (inside["config"]["seed"], inside["config"]["lr"]) == (single["config"]["seed"], single["config"]["lr"])
