@@ -2,15 +2,17 @@
 (the Hydra entry point wraps its `run_simulation` call in it; deployment and `flwr run .` are untouched).
 
 Three costs of the stock engine come from neither training nor messages (profiled with py-spy, measured with
-benchmarks/overhead.py and benchmarks/scale.py):
+benchmarks/overhead.py, benchmarks/scale.py and benchmarks/sweep.py):
 - its dispatcher (`vce_api.add_messages_to_queue`) asks the LinkState for a message once per NODE every 0.1 s, and
   each ask scans every stored message: O(nodes x messages) work per poll under the state's lock, which grows with
   the federation although a round only talks to the sampled devices;
 - the in-memory grid polls for replies every 0.1 s, so every message waits for two 0.1 s ticks;
 - its workers wait up to 1 s on an empty queue before they see that the run has ended.
-Inside the block the dispatcher asks only the nodes that have undelivered messages (one scan of the store per poll,
-then the same per-node `get_message_ins(node, limit=1)` call as Flower's), both poll every `poll` seconds, and the
-workers' waits are capped at 0.05 s (PromptQueue).
+Inside the block the dispatcher asks only the nodes that have undelivered messages (one scan of the store per look,
+then the same per-node `get_message_ins(node, limit=1)` call as Flower's); it and the grid wake when a message is
+stored (`signals`), polling every `poll` seconds only as the bound of each wait; the workers' waits are capped at
+0.05 s (PromptQueue). The block also records the {node id: partition id} the engine registers, which the strategy
+uses to name simulated nodes without a message.
 Messages, their order per node and the state's API are unchanged; only who is asked, and how often, changes.
 
 Every reach into Flower is listed in ASSUMPTIONS, checked on entry (EngineMismatch names each that fails) and tested
